@@ -1,0 +1,70 @@
+"""Class activation maps: multi-scale + flip inference, per-class normalisation, background map."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORM_EPS = 1e-5
+
+
+def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[float], flip: bool) -> Tensor:
+    """images [B,3,H,W] -> CAMs [B,C,H,W] summed over scales (and horizontal flips), not normalised.
+
+    `model.cams(x [B,3,h,w])` must return ReLU'd class activation maps [B,C,~h/8,~w/8]. Each
+    scale resizes the images bilinearly to (round(H*s), round(W*s)); the flipped copies run in
+    the same batch, their maps are flipped back, and every map is upsampled to (H, W).
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
+    if not scales:
+        raise ValueError("at least one scale is needed")
+    batch, _, height, width = images.shape
+    maps = []
+    with torch.no_grad():
+        for scale in scales:
+            size = (round(height * scale), round(width * scale))
+            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            if flip:
+                scaled = torch.cat([scaled, scaled.flip(-1)])
+            cams = model.cams(scaled)
+            if flip:  # upsampling is linear and commutes with the flip, so add the pair first
+                cams = cams[:batch] + cams[batch:].flip(-1)
+            maps.append(F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False))
+    return torch.stack(maps).sum(dim=0)
+
+
+def normalize_cams(cams: Tensor, tags: Tensor) -> Tensor:
+    """cams [B,C,H,W] (>= 0), tags [B,C] (0/1) -> [B,C,H,W] in [0, 1]: untagged classes zero,
+    each tagged map divided by its max + 1e-5."""
+    if cams.dim() != 4 or tags.shape != cams.shape[:2]:
+        raise ValueError(f"cams must be [B,C,H,W] and tags [B,C], got {tuple(cams.shape)} and "
+                         f"{tuple(tags.shape)}")
+    kept = cams * (tags > 0).to(cams.dtype)[:, :, None, None]
+    peak = kept.amax(dim=(2, 3), keepdim=True)
+    return kept / (peak + NORM_EPS)
+
+
+def with_background(cams: Tensor, alpha: float) -> Tensor:
+    """cams [B,C,H,W] in [0, 1] -> [B,C+1,H,W] with the background (1 - max_c cams)^alpha first.
+
+    With C = 0 (no class kept) the background is 1 everywhere.
+    """
+    if cams.dim() != 4:
+        raise ValueError(f"cams must be [B,C,H,W], got shape {tuple(cams.shape)}")
+    batch, channels, height, width = cams.shape
+    if channels:
+        peak = cams.amax(dim=1, keepdim=True)
+    else:
+        peak = cams.new_zeros(batch, 1, height, width)
+    background = (1.0 - peak).clamp(min=0.0).pow(alpha)
+    return torch.cat([background, cams], dim=1)
+
+
+def cams_to_labels(scores: Tensor) -> Tensor:
+    """scores [B,C+1,H,W] (background first) -> labels [B,H,W] int64: 0 background, k = class k."""
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [B,C+1,H,W], got shape {tuple(scores.shape)}")
+    return scores.argmax(dim=1)

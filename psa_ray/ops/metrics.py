@@ -1,0 +1,73 @@
+"""Segmentation (confusion matrix, IoU) and multi-label classification (AP) metrics."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """pred, gt [...] int label maps of one shape -> [num_classes, num_classes] int64 (rows gt, cols pred).
+
+    Pixels whose gt is `ignore_index` are skipped. A prediction outside 0..num_classes-1 (e.g.
+    255) is never right: it is counted as a confusion of its gt class g with class
+    (g + 1) % num_classes.
+    """
+    pred = np.asarray(pred).astype(np.int64).ravel()
+    gt = np.asarray(gt).astype(np.int64)
+    if gt.size != pred.size:
+        raise ValueError(f"pred has {pred.size} pixels but gt has {gt.size}")
+    gt = gt.ravel()
+    keep = gt != ignore_index
+    pred, gt = pred[keep], gt[keep]
+    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(f"gt values must be in 0..{num_classes - 1} or {ignore_index}, "
+                         f"got {gt.min()}..{gt.max()}")
+    out_of_range = (pred < 0) | (pred >= num_classes)
+    pred = np.where(out_of_range, (gt + 1) % num_classes, pred)
+    counts = np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
+    """Confusion matrix [n,n] -> IoU [n] float: TP / (TP + FP + FN), NaN for classes absent from
+    both gt and pred."""
+    cm = np.asarray(cm, dtype=np.float64)
+    true_positive = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - true_positive
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, true_positive / union, np.nan)
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean IoU over the classes present in gt or pred (NaN when there are none)."""
+    iou = iou_per_class(cm)
+    return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """scores [N,C], targets [N,C] (0/1) -> non-interpolated AP per class [C] (NaN without positives).
+
+    AP is the mean, over the positives, of the precision at the positive's score: among samples
+    scoring >= it, the fraction that are positive (so tied scores count as one threshold).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets) > 0
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(f"scores and targets must be [N,C] of one shape, got {scores.shape} "
+                         f"and {targets.shape}")
+    ap = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        positive_scores = np.sort(scores[targets[:, c], c])
+        if positive_scores.size == 0:
+            continue
+        all_scores = np.sort(scores[:, c])
+        at_or_above = all_scores.size - np.searchsorted(all_scores, positive_scores, side="left")
+        positives_at_or_above = positive_scores.size - np.searchsorted(positive_scores, positive_scores,
+                                                                        side="left")
+        ap[c] = np.mean(positives_at_or_above / at_or_above)
+    return ap
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean of `average_precision` over the classes with at least one positive (NaN if none)."""
+    ap = average_precision(scores, targets)
+    return float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else float("nan")

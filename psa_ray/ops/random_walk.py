@@ -1,0 +1,144 @@
+"""Random walk over AffinityNet's affinities: vec(M*) = T^t vec(M), T = D^-1 W, W = A^beta.
+
+W is symmetric with a unit diagonal: W_ij = W_ji = a_k^beta for each half-plane pair (i, i + o_k)
+of `pair_offsets(radius)`, zero elsewhere; D holds W's row sums. One step replaces each pixel's
+scores by the W-weighted average over its neighbourhood (itself and its 2K partners).
+
+T is kept as a sparse (CSR) stencil with at most 2K + 1 entries per pixel, never as a dense
+(hw) x (hw) matrix, so memory and time are linear in h * w. T^t is applied as a Chebyshev
+expansion of x^t truncated where the dropped terms are below the dtype's precision: T is similar
+to a symmetric matrix with eigenvalues in [-1, 1], where x^t is within eps of a polynomial of
+degree ~ sqrt(t) (about 100 instead of 256 products for t = 256); for small t the product is
+applied t times exactly.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from psa_ray.ops.affinity import pair_offsets, pair_slices
+
+
+def radius_for_pairs(num_pairs: int) -> int:
+    """The radius whose half-plane pair set has `num_pairs` offsets (34 -> 5)."""
+    radius = 1
+    while len(pair_offsets(radius)) < num_pairs:
+        radius += 1
+    if len(pair_offsets(radius)) != num_pairs:
+        raise ValueError(f"{num_pairs} affinities per pixel match no pair radius "
+                         f"(radius {radius - 1} has {len(pair_offsets(radius - 1))}, "
+                         f"radius {radius} has {len(pair_offsets(radius))})")
+    return radius
+
+
+def transition_matrix(affinities: Tensor, beta: float, dtype: torch.dtype) -> Tensor:
+    """Sparse CSR T = D^-1 A^beta [B*h*w, B*h*w] (block diagonal over the batch), rows = pixels.
+
+    Row p holds, in increasing column order, the normalised weights of pixel p's neighbourhood:
+    itself (weight 1 before normalising) and each partner inside the image.
+    """
+    batch, _, height, width = affinities.shape
+    offsets = pair_offsets(radius_for_pairs(affinities.shape[1]))
+    # Every neighbour direction, sorted so that column indices increase along each CSR row.
+    directions = sorted([(0, 0)] + offsets + [(-dy, -dx) for dy, dx in offsets])
+    slot = {direction: n for n, direction in enumerate(directions)}
+    device = affinities.device
+    powered = affinities.to(dtype).pow(beta)
+    weights = torch.zeros(batch, len(directions), height, width, dtype=dtype, device=device)
+    inside = torch.zeros(len(directions), height, width, dtype=torch.bool, device=device)
+    weights[:, slot[(0, 0)]] = 1.0
+    inside[slot[(0, 0)]] = True
+    for k, (dy, dx) in enumerate(offsets):
+        (rows_i, cols_i), (rows_j, cols_j) = pair_slices(dy, dx, height, width)
+        pair_weight = powered[:, k, rows_i, cols_i]
+        weights[:, slot[(dy, dx)], rows_i, cols_i] = pair_weight    # i sees its partner j
+        weights[:, slot[(-dy, -dx)], rows_j, cols_j] = pair_weight  # j sees i
+        inside[slot[(dy, dx)], rows_i, cols_i] = True
+        inside[slot[(-dy, -dx)], rows_j, cols_j] = True
+    weights = weights / weights.sum(dim=1, keepdim=True)
+
+    size = batch * height * width
+    index_dtype = torch.int32 if size * len(directions) < 2**31 else torch.int64
+    pixel = torch.arange(size, device=device).view(batch, height, width, 1)
+    step = torch.tensor([dy * width + dx for dy, dx in directions], device=device)
+    inside = inside.permute(1, 2, 0).expand(batch, -1, -1, -1)  # [B,h,w,N]
+    columns = (pixel + step)[inside].to(index_dtype)
+    values = weights.permute(0, 2, 3, 1)[inside]
+    row_starts = torch.zeros(size + 1, dtype=torch.int64, device=device)
+    row_starts[1:] = inside.reshape(size, -1).sum(dim=1).cumsum(dim=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(row_starts.to(index_dtype), columns, values, (size, size),
+                                       check_invariants=False)
+
+
+def chebyshev_coefficients(t: int, tolerance: float) -> list[float] | None:
+    """c_0..c_d with |x^t - sum_k c_k T_k(x)| <= tolerance on [-1, 1], or None when d would be t.
+
+    x^t = 2^(1-t) sum_j C(t, j) T_(t-2j)(x) (the T_0 term halved); dropping the degrees above d
+    costs at most the sum of their coefficients, since |T_k| <= 1 on [-1, 1].
+    """
+    coefficients: dict[int, float] = {}
+    for j in range(t // 2 + 1):
+        degree = t - 2 * j
+        log_c = math.lgamma(t + 1) - math.lgamma(j + 1) - math.lgamma(t - j + 1) + (1 - t) * math.log(2)
+        coefficients[degree] = math.exp(log_c) / (2.0 if degree == 0 else 1.0)
+    dropped, kept = 0.0, t
+    while kept > 1 and dropped + coefficients[kept] <= tolerance:
+        dropped += coefficients[kept]
+        kept -= 2
+    if kept == t:
+        return None
+    return [coefficients.get(degree, 0.0) for degree in range(kept + 1)]
+
+
+def apply_power(transition: Tensor, state: Tensor, t: int, tolerance: float) -> Tensor:
+    """transition^t @ state for a CSR transition [N,N] with spectrum in [-1, 1] and state [N,C]."""
+    coefficients = chebyshev_coefficients(t, tolerance)
+    if coefficients is None:
+        for _ in range(t):
+            state = transition @ state
+        return state
+    # Chebyshev recurrence: v_0 = state, v_1 = T v_0, v_(k+1) = 2 T v_k - v_(k-1).
+    previous, current = state.clone(), transition @ state
+    result = coefficients[0] * previous + coefficients[1] * current
+    for coefficient in coefficients[2:]:
+        previous.addmm_(transition, current, beta=-1.0, alpha=2.0)
+        previous, current = current, previous
+        if coefficient:
+            result.add_(current, alpha=coefficient)
+    return result
+
+
+def random_walk(affinities: Tensor, cams: Tensor, beta: float = 8.0, t: int = 256) -> Tensor:
+    """affinities [B,K,h,w] (half-plane pairs, in [0, 1]), cams [B,C,h,w] -> T^t cams [B,C,h,w].
+
+    Runs on the inputs' device, in cams' dtype (float32 or float64).
+    """
+    if affinities.dim() != 4 or cams.dim() != 4:
+        raise ValueError(f"affinities must be [B,K,h,w] and cams [B,C,h,w], got shapes "
+                         f"{tuple(affinities.shape)} and {tuple(cams.shape)}")
+    if affinities.shape[0] != cams.shape[0] or affinities.shape[2:] != cams.shape[2:]:
+        raise ValueError(f"affinities {tuple(affinities.shape)} and cams {tuple(cams.shape)} must "
+                         f"share the batch size and the h x w grid")
+    if affinities.device != cams.device:
+        raise ValueError(f"affinities on {affinities.device} but cams on {cams.device}")
+    if not cams.is_floating_point():
+        raise ValueError(f"cams must be a floating point tensor, got {cams.dtype}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if t < 0:
+        raise ValueError(f"t must be >= 0, got {t}")
+    batch, channels, height, width = cams.shape
+    transition = transition_matrix(affinities, beta, cams.dtype)
+    # The truncation error of each map is at most tolerance * sqrt(max_d / min_d * h * w) * max|M|,
+    # with max_d / min_d <= 2K + 1: keep it within eps * max|M|.
+    neighbourhood = 2 * affinities.shape[1] + 1
+    tolerance = torch.finfo(cams.dtype).eps / math.sqrt(neighbourhood * height * width)
+    state = cams.permute(0, 2, 3, 1).reshape(batch * height * width, channels).contiguous()
+    walked = apply_power(transition, state, t, tolerance)
+    return walked.reshape(batch, height, width, channels).permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format)
