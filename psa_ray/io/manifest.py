@@ -1,0 +1,423 @@
+"""The input corpus (stable interface): a manifest file or a PASCAL VOC 2012 folder, local or s3://.
+
+Manifest: `.parquet`, `.jsonl` or `.csv` with columns `image_id` (unique string, used in output
+file names), `image` (s3:// URI, absolute path, or path relative to the manifest's folder) and
+`tags` (class names: list<string> in Parquet, a JSON list in JSONL, `|`-separated in CSV).
+Class names: `classes=` or `classes.txt` beside the manifest (one per line, no background).
+
+Rows that cannot be used are dropped and reported as RowError (stage "manifest") with one of
+these codes: `bad_row` (a JSONL line that is not a JSON object), `bad_id`, `duplicate_id` (the
+first row with an id keeps it), `missing_image`, `bad_image` (not a string, or an unsupported
+URI scheme), `bad_tags` (not a list of strings), `no_tags`, `unknown_tag`, and for VOC
+`missing_annotation` / `bad_annotation`. Problems with the manifest as a whole raise
+ManifestError.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import xml.etree.ElementTree as ET
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, join, parent, read_bytes, redact,
+                                write_bytes)
+
+MANIFEST_FORMATS = ("parquet", "jsonl", "csv")
+CSV_TAG_SEPARATOR = "|"
+MAX_CLASSES = 254  # labels are uint8: 0 background, 1..C classes, 255 ignore
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+VOC_SPLITS = ("train", "val", "trainval")
+
+ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("stage", pa.string()),
+                          ("error", pa.string()), ("message", pa.string())])
+
+
+class ManifestError(ValueError):
+    """The corpus as a whole cannot be read (the message names the problem and the file)."""
+
+
+@dataclass
+class RowError:
+    """One rejected input row; the columns of errors/*.parquet (ERROR_SCHEMA)."""
+
+    image_id: str
+    image: str
+    stage: str
+    error: str    # a short code
+    message: str  # for people
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class CorpusRow:
+    image_id: str
+    image: str       # s3:// URI or absolute local path
+    tags: list[str]  # class names, each in Corpus.class_names
+
+
+@dataclass
+class Corpus:
+    rows: list[CorpusRow]
+    class_names: list[str]  # label k (1..C) is class_names[k - 1]; 0 is background
+
+    def tag_vector(self, row: CorpusRow) -> np.ndarray:
+        """[C] float32 multi-hot of row.tags in class_names order."""
+        vector = np.zeros(len(self.class_names), np.float32)
+        vector[[self.class_names.index(t) for t in row.tags]] = 1.0
+        return vector
+
+    def to_arrow(self) -> pa.Table:
+        """Columns image_id, image, tags (list<string>), tag_vector (list<float32>)."""
+        return pa.table({
+            "image_id": pa.array([r.image_id for r in self.rows], pa.string()),
+            "image": pa.array([r.image for r in self.rows], pa.string()),
+            "tags": pa.array([r.tags for r in self.rows], pa.list_(pa.string())),
+            "tag_vector": pa.array([self.tag_vector(r).tolist() for r in self.rows],
+                                   pa.list_(pa.float32())),
+        })
+
+
+class _RowProblem(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- class names
+
+def _read_text(uri: str, what: str, endpoint_url: str | None) -> str:
+    try:
+        return read_bytes(uri, endpoint_url).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ManifestError(f"{what} not found: {uri}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{what} {uri} is not UTF-8 text") from None
+    except OSError as e:
+        raise ManifestError(f"{what} {uri} is unreadable: {redact(str(e))}") from None
+
+
+def _is_file_reference(classes: str) -> bool:
+    return (classes.startswith((S3_SCHEME, FILE_SCHEME)) or classes.endswith(".txt")
+            or os.path.isfile(classes))
+
+
+def resolve_classes(classes: list[str] | str | None, manifest_uri: str,
+                    endpoint_url: str | None = None) -> list[str]:
+    """Class names from a list, a classes.txt path/URI, a comma-separated string, or (None)
+    classes.txt beside the manifest. Blank entries are ignored; raises ManifestError."""
+    if classes is None:
+        source = join(parent(manifest_uri), "classes.txt")
+        if not exists(source, endpoint_url):
+            raise ManifestError(f"no class names for {manifest_uri}: put a classes.txt beside it "
+                                "(one name per line) or pass classes")
+        names = _read_text(source, f"classes file for {manifest_uri}", endpoint_url).splitlines()
+    elif isinstance(classes, str) and _is_file_reference(classes):
+        source = classes
+        names = _read_text(source, f"classes file for {manifest_uri}", endpoint_url).splitlines()
+    else:
+        source = "the classes option"
+        names = classes.split(",") if isinstance(classes, str) else list(classes)
+    names = [str(n).strip() for n in names if n is not None and str(n).strip()]
+    duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
+    problem = None
+    if not names:
+        problem = "no class names"
+    elif duplicates:
+        problem = f"duplicate class names {', '.join(duplicates)}"
+    elif any(n.lower() == "background" for n in names):
+        problem = "'background' is listed; leave it out (label 0 is background)"
+    elif any(CSV_TAG_SEPARATOR in n for n in names):
+        problem = f"class names must not contain '{CSV_TAG_SEPARATOR}'"
+    elif len(names) > MAX_CLASSES:
+        problem = f"{len(names)} classes; at most {MAX_CLASSES} fit uint8 labels"
+    if problem:
+        raise ManifestError(f"{problem} in {source} (for {manifest_uri})")
+    return names
+
+
+# --------------------------------------------------------------------------- manifest formats
+
+def _format_of(uri: str) -> str | None:
+    suffix = posixpath.splitext(uri.rstrip("/"))[1].lower().lstrip(".")
+    return suffix if suffix in MANIFEST_FORMATS else None
+
+
+def _require_columns(present: Sequence[str], uri: str) -> None:
+    missing = [c for c in ("image_id", "image", "tags") if c not in present]
+    if missing:
+        raise ManifestError(f"manifest {uri} lacks required column(s) {', '.join(missing)} "
+                            f"(has: {', '.join(map(str, present)) or 'none'})")
+
+
+def _parquet_records(data: bytes, uri: str) -> list[dict[str, Any]]:
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"manifest {uri} is not a readable Parquet file: {e}") from None
+    _require_columns(table.column_names, uri)
+    schema = table.schema
+    for name in ("image_id", "image"):
+        if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
+            raise ManifestError(f"manifest {uri}: column {name} must be string, "
+                                f"got {schema.field(name).type}")
+    tags = schema.field("tags").type
+    if not ((pa.types.is_list(tags) or pa.types.is_large_list(tags))
+            and (pa.types.is_string(tags.value_type) or pa.types.is_large_string(tags.value_type))):
+        raise ManifestError(f"manifest {uri}: column tags must be list<string>, got {tags}")
+    records = table.select(["image_id", "image", "tags"]).to_pylist()
+    return [dict(r, where=f"row {i}") for i, r in enumerate(records, 1)]
+
+
+def _jsonl_records(text: str, uri: str) -> tuple[list[dict[str, Any]], list[RowError]]:
+    records, errors = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record = e.msg
+        if not isinstance(record, dict):
+            errors.append(RowError("", "", "manifest", "bad_row",
+                                   f"line {number} of {uri} is not a JSON object: {str(record)[:80]}"))
+            continue
+        records.append({"image_id": record.get("image_id"), "image": record.get("image"),
+                        "tags": record.get("tags"), "where": f"line {number}", "keys": record.keys()})
+    if records:
+        _require_columns(sorted(set().union(*(r.pop("keys") for r in records))), uri)
+    return records, errors
+
+
+def _csv_records(text: str, uri: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text))
+    _require_columns(reader.fieldnames or [], uri)
+    return [{"image_id": r["image_id"], "image": r["image"],
+             "tags": None if r["tags"] is None else r["tags"].split(CSV_TAG_SEPARATOR),
+             "where": f"row {i}"} for i, r in enumerate(reader, 1)]
+
+
+# --------------------------------------------------------------------------- row validation
+
+def _id_problem(image_id: Any) -> str | None:
+    if not isinstance(image_id, str):
+        return "image_id is missing" if image_id is None else f"image_id must be a string, got {image_id!r}"
+    if not image_id.strip():
+        return "image_id is empty"
+    for bad, what in (("/", "'/'"), ("\\", "'\\'"), ("..", "'..'"), ("\x00", "a NUL character")):
+        if bad in image_id:
+            return f"image_id {image_id!r} contains {what} (it becomes a file name)"
+    return None
+
+
+def _resolve_image(image: Any, base: str) -> str:
+    """An absolute URI/path for a row's image field; base is the manifest's folder."""
+    if image is None or (isinstance(image, str) and not image.strip()):
+        raise _RowProblem("missing_image", "image is missing")
+    if not isinstance(image, str):
+        raise _RowProblem("bad_image", f"image must be a string, got {image!r}")
+    image = image.strip()
+    if image.startswith(S3_SCHEME):
+        return image
+    if image.startswith(FILE_SCHEME):
+        return os.path.normpath(image[len(FILE_SCHEME):])
+    if "://" in image:
+        raise _RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
+    if os.path.isabs(image):
+        return os.path.normpath(image)
+    if base.startswith(S3_SCHEME):
+        return S3_SCHEME + posixpath.normpath(posixpath.join(base[len(S3_SCHEME):], image))
+    return os.path.abspath(os.path.join(base, image))
+
+
+def _clean_tags(tags: Any, known: set[str]) -> list[str]:
+    if tags is None:
+        raise _RowProblem("no_tags", "tags are missing")
+    if not isinstance(tags, list) or not all(t is None or isinstance(t, str) for t in tags):
+        raise _RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
+    names = list(dict.fromkeys(t.strip() for t in tags if t is not None and t.strip()))
+    if not names:
+        raise _RowProblem("no_tags", "no tags (every image needs at least one class)")
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise _RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
+    return names
+
+
+def _validate(records: list[dict[str, Any]], class_names: list[str],
+              base: str) -> tuple[list[CorpusRow], list[RowError]]:
+    """Rows that pass every check, and one RowError for each record that does not."""
+    known = set(class_names)
+    rows: list[CorpusRow] = []
+    errors: list[RowError] = []
+    seen: set[str] = set()
+    for record in records:
+        raw_id, raw_image = record["image_id"], record["image"]
+        try:
+            problem = _id_problem(raw_id)
+            if problem:
+                raise _RowProblem("bad_id", problem)
+            image_id = raw_id.strip()
+            if image_id in seen:
+                raise _RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
+            seen.add(image_id)
+            if "problem" in record:
+                raise record["problem"]
+            image = _resolve_image(raw_image, base)
+            rows.append(CorpusRow(image_id, image, _clean_tags(record["tags"], known)))
+        except _RowProblem as p:
+            errors.append(RowError("" if raw_id is None else str(raw_id),
+                                   "" if raw_image is None else str(raw_image),
+                                   "manifest", p.code, f"{record['where']}: {p}"))
+    return rows, errors
+
+
+def _finish(rows: list[CorpusRow], errors: list[RowError], class_names: list[str],
+            uri: str) -> tuple[Corpus, list[RowError]]:
+    if not rows and not errors:
+        raise ManifestError(f"no rows in {uri}")
+    if not rows:
+        counts = ", ".join(f"{code}: {n}" for code, n in Counter(e.error for e in errors).most_common())
+        raise ManifestError(f"all {len(errors)} rows of {uri} were rejected ({counts}); "
+                            f"first: {errors[0].message}")
+    return Corpus(rows=rows, class_names=class_names), errors
+
+
+def _read_manifest(uri: str, classes: list[str] | str | None,
+                   endpoint_url: str | None) -> tuple[Corpus, list[RowError]]:
+    fmt = _format_of(uri)
+    try:
+        data = read_bytes(uri, endpoint_url)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {uri}") from None
+    except OSError as e:
+        raise ManifestError(f"manifest {uri} is unreadable: {redact(str(e))}") from None
+    errors: list[RowError] = []
+    if fmt == "parquet":
+        records = _parquet_records(data, uri)
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ManifestError(f"manifest {uri} is not UTF-8 text") from None
+        if fmt == "jsonl":
+            records, errors = _jsonl_records(text, uri)
+        else:
+            records = _csv_records(text, uri)
+    class_names = resolve_classes(classes, uri, endpoint_url)
+    rows, row_errors = _validate(records, class_names, parent(uri))
+    return _finish(rows, errors + row_errors, class_names, uri)
+
+
+# --------------------------------------------------------------------------- PASCAL VOC 2012
+
+def voc_root(uri: str, endpoint_url: str | None = None) -> str | None:
+    """The VOC2012 folder for `.../VOC2012` or `.../VOCdevkit` (None if neither holds
+    ImageSets/Segmentation)."""
+    for root in (uri.rstrip("/"), join(uri, "VOC2012")):
+        if exists(join(root, "ImageSets", "Segmentation"), endpoint_url):
+            return root
+    return None
+
+
+def voc_ground_truth_uri(root: str, image_id: str, endpoint_url: str | None = None) -> str | None:
+    """`SegmentationClass/<image_id>.png` under a VOC root, or None if there is none."""
+    uri = join(voc_root(root, endpoint_url) or root, "SegmentationClass", f"{image_id}.png")
+    return uri if exists(uri, endpoint_url) else None
+
+
+def _voc_tags(root: str, image_id: str, endpoint_url: str | None) -> list[str] | _RowProblem:
+    """Object names in Annotations/<image_id>.xml (difficult objects included), or the problem."""
+    uri = join(root, "Annotations", f"{image_id}.xml")
+    try:
+        tree = ET.fromstring(read_bytes(uri, endpoint_url))
+    except FileNotFoundError:
+        return _RowProblem("missing_annotation", f"no annotation {uri}")
+    except ET.ParseError as e:
+        return _RowProblem("bad_annotation", f"annotation {uri} is not valid XML: {e}")
+    except OSError as e:
+        return _RowProblem("bad_annotation", f"annotation {uri} is unreadable: {redact(str(e))}")
+    return [(obj.findtext("name") or "").strip() for obj in tree.findall("object")]
+
+
+def _read_voc(root: str, split: str, classes: list[str] | str | None,
+              endpoint_url: str | None) -> tuple[Corpus, list[RowError]]:
+    if classes is not None and resolve_classes(classes, root, endpoint_url) != VOC_CLASSES:
+        raise ManifestError(f"{root} is a VOC folder: its classes are the 20 VOC classes, "
+                            "do not pass other classes")
+    ids_uri = join(root, "ImageSets", "Segmentation", f"{split}.txt") if split in VOC_SPLITS else split
+    ids = [line.split()[0] for line in _read_text(ids_uri, "VOC split file", endpoint_url).splitlines()
+           if line.strip()]
+    fetch = sorted({i for i in ids if _id_problem(i) is None})
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        tags = dict(zip(fetch, pool.map(lambda i: _voc_tags(root, i, endpoint_url), fetch)))
+    records = []
+    for number, image_id in enumerate(ids, 1):
+        record = {"image_id": image_id, "image": f"JPEGImages/{image_id}.jpg",
+                  "tags": tags.get(image_id), "where": f"line {number} of {ids_uri}"}
+        if isinstance(record["tags"], _RowProblem):
+            record["problem"] = record.pop("tags")
+        records.append(record)
+    rows, errors = _validate(records, VOC_CLASSES, root)
+    return _finish(rows, errors, list(VOC_CLASSES), ids_uri)
+
+
+# --------------------------------------------------------------------------- entry points
+
+def read_corpus(input_uri: str, *, classes: list[str] | str | None = None, split: str = "train",
+                endpoint_url: str | None = None) -> tuple[Corpus, list[RowError]]:
+    """The usable rows of a manifest file or a VOC 2012 folder, and the rejected ones.
+
+    classes: manifests only (see resolve_classes). split: VOC only, "train", "val", "trainval"
+    or the path/URI of an id list. Raises ManifestError for problems with the whole input.
+    """
+    if _format_of(input_uri):
+        return _read_manifest(input_uri, classes, endpoint_url)
+    root = voc_root(input_uri, endpoint_url)
+    if root is None:
+        raise ManifestError(f"{input_uri} is neither a manifest ({', '.join('.' + f for f in MANIFEST_FORMATS)}) "
+                            "nor a PASCAL VOC 2012 folder (no ImageSets/Segmentation)")
+    return _read_voc(root, split, classes, endpoint_url)
+
+
+def write_manifest(corpus_rows: Sequence[CorpusRow], uri: str, format: str | None = None,
+                   endpoint_url: str | None = None) -> None:
+    """Write rows as a manifest; format ("parquet", "jsonl", "csv") defaults to uri's suffix."""
+    fmt = format or _format_of(uri)
+    if fmt not in MANIFEST_FORMATS:
+        raise ValueError(f"manifest format must be one of {MANIFEST_FORMATS}, got {fmt!r} for {uri}")
+    if fmt == "parquet":
+        table = pa.table({"image_id": pa.array([r.image_id for r in corpus_rows], pa.string()),
+                          "image": pa.array([r.image for r in corpus_rows], pa.string()),
+                          "tags": pa.array([list(r.tags) for r in corpus_rows], pa.list_(pa.string()))})
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        data = sink.getvalue()
+    elif fmt == "jsonl":
+        data = "".join(json.dumps({"image_id": r.image_id, "image": r.image, "tags": list(r.tags)}) + "\n"
+                       for r in corpus_rows).encode()
+    else:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["image_id", "image", "tags"])
+        writer.writerows([r.image_id, r.image, CSV_TAG_SEPARATOR.join(r.tags)] for r in corpus_rows)
+        data = text.getvalue().encode()
+    write_bytes(uri, data, endpoint_url)
+
+
+def write_classes(class_names: Sequence[str], uri: str, endpoint_url: str | None = None) -> None:
+    """classes.txt: one name per line."""
+    write_bytes(uri, "".join(f"{n}\n" for n in class_names).encode(), endpoint_url)

@@ -1,0 +1,231 @@
+"""Bytes in and out of local paths and `s3://` URIs through one code path (pyarrow.fs).
+
+A URI is either `s3://bucket/key`, `file:///abs/path`, or a plain local path (relative paths are
+made absolute). The S3 endpoint comes from `endpoint_url`, else `AWS_ENDPOINT_URL_S3`, else
+`AWS_ENDPOINT_URL` (unset in production: AWS itself); credentials come from the usual AWS
+environment variables / default chain. Transient S3 failures are retried with exponential
+backoff (`RETRY_POLICY`); a missing object raises FileNotFoundError at once.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+import pyarrow.fs as pafs
+
+T = TypeVar("T")
+
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of transient storage errors: attempt k (from 0) sleeps
+    `min(max_delay, base_delay * 2**k)` times a random factor in [0.5, 1] before attempt k + 1."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
+
+
+RETRY_POLICY = RetryPolicy()
+
+# Substrings of pyarrow/AWS SDK error messages that mark a failure worth retrying.
+TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError",
+                     "SERVICE_UNAVAILABLE", "ServiceUnavailable", "RequestTimeout", "REQUEST_TIMEOUT",
+                     "Throttl", "THROTTL", "Connection reset", "timed out")
+_TRANSIENT_STATUS = re.compile(r"(?i)\b(?:http(?: status)?|status(?: code)?)[:= ]*(?:500|502|503|504)\b")
+
+_cache: dict[tuple[str, str | None], pafs.FileSystem] = {}
+_cache_lock = threading.Lock()
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for an OSError that a retry may cure (throttling, 5xx, dropped connections)."""
+    if not isinstance(error, OSError) or isinstance(error, (FileNotFoundError, PermissionError)):
+        return False
+    message = str(error)
+    return any(m in message for m in TRANSIENT_MARKERS) or bool(_TRANSIENT_STATUS.search(message))
+
+
+def with_retries(call: Callable[[], T]) -> T:
+    """`call()`, retried under RETRY_POLICY while it raises a transient error."""
+    policy = RETRY_POLICY
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except OSError as e:
+            if attempt == policy.attempts - 1 or not is_transient(e):
+                raise
+            delay = min(policy.max_delay, policy.base_delay * 2 ** attempt)
+            policy.sleep(delay * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
+def _endpoint(endpoint_url: str | None) -> str | None:
+    return (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, object] = {"allow_delayed_open": True}  # small writes become one PutObject
+    if endpoint:
+        scheme, sep, host = endpoint.rstrip("/").partition("://")
+        if sep:
+            kwargs.update(scheme=scheme, endpoint_override=host)
+        else:
+            kwargs["endpoint_override"] = endpoint.rstrip("/")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it without scheme) for a local path or an s3:// URI.
+
+    Filesystems are cached per (scheme, endpoint) for the life of the process.
+    """
+    if uri.startswith(S3_SCHEME):
+        key: tuple[str, str | None] = ("s3", _endpoint(endpoint_url))
+        path = uri[len(S3_SCHEME):].rstrip("/")
+        if not path:
+            raise ValueError(f"no bucket in S3 URI {uri!r}")
+    elif "://" in uri and not uri.startswith(FILE_SCHEME):
+        raise ValueError(f"unsupported URI scheme in {uri!r} (use s3:// or a local path)")
+    else:
+        key = ("file", None)
+        path = os.path.abspath(uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri)
+    with _cache_lock:
+        fs = _cache.get(key)
+        if fs is None:
+            fs = _s3_filesystem(key[1]) if key[0] == "s3" else pafs.LocalFileSystem()
+            _cache[key] = fs
+    return fs, path
+
+
+def join(base_uri: str, *parts: str) -> str:
+    """`base_uri/part/...` with single slashes; keeps `s3://` (and `file://`) intact."""
+    pieces = [base_uri.rstrip("/") or base_uri] + [p.strip("/") for p in parts if p.strip("/")]
+    return "/".join(pieces)
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """The whole object/file. FileNotFoundError if it does not exist."""
+    fs, path = filesystem(uri, endpoint_url)
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return with_retries(read)
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Write (replace) atomically: readers see the old content or the new, never a part.
+
+    Local: a temp file in the same folder, then a rename (no fsync: atomic against crashes of
+    the writer, not against power loss). S3: one PUT, atomic per object. Local parent folders
+    are created.
+    """
+    fs, path = filesystem(uri, endpoint_url)
+    if isinstance(fs, pafs.LocalFileSystem):
+        folder, name = os.path.split(path)
+        fs.create_dir(folder, recursive=True)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return
+
+    def put() -> None:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+
+    with_retries(put)
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    """True if a file, or a folder / a prefix with objects under it, is there."""
+    fs, path = filesystem(uri, endpoint_url)
+    return with_retries(lambda: fs.get_file_info(path).type) != pafs.FileType.NotFound
+
+
+def list_files(prefix_uri: str, suffix: str = "", endpoint_url: str | None = None) -> list[str]:
+    """Sorted URIs of the files under a folder/prefix (recursive) whose names end in suffix.
+
+    The URIs start with `prefix_uri` as given, so `join(prefix_uri, name)` equals the listed
+    entry. A missing folder lists as empty.
+    """
+    fs, path = filesystem(prefix_uri, endpoint_url)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    infos = with_retries(lambda: fs.get_file_info(selector))
+    base = path.rstrip("/") + "/"
+    return sorted(join(prefix_uri, info.path[len(base):]) for info in infos
+                  if info.type == pafs.FileType.File and info.path.startswith(base)
+                  and info.path.endswith(suffix))
+
+
+def delete(uri: str, endpoint_url: str | None = None) -> None:
+    """Delete one file/object. FileNotFoundError if it does not exist."""
+    fs, path = filesystem(uri, endpoint_url)
+    with_retries(lambda: fs.delete_file(path))
+
+
+def parent(uri: str) -> str:
+    """The folder/prefix holding uri (`s3://b/a/x.csv` -> `s3://b/a`)."""
+    if uri.startswith(S3_SCHEME):
+        return S3_SCHEME + posixpath.dirname(uri[len(S3_SCHEME):].rstrip("/"))
+    return os.path.dirname(filesystem(uri)[1])
+
+
+_ACCESS_KEY_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|AIPA)[A-Z0-9]{16}(?![A-Z0-9])")
+_LABELLED_SECRET = re.compile(
+    r"(?i)((?:aws_)?(?:secret_access_key|secret_key|secretaccesskey|session_token|security_token|"
+    r"sessiontoken|x-amz-security-token|x-amz-signature|x-amz-credential|signature|password)"
+    r"[\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;}]+)")
+_BASE64_RUN = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+=]{40,}(?![A-Za-z0-9/+=])")
+REDACTED = "***"
+
+
+def _looks_secret(token: str) -> bool:
+    """A 40-char AWS secret key or a long session token: random base64, not a path or a hash."""
+    mixed = (any(c.isupper() for c in token) and any(c.islower() for c in token)
+             and any(c.isdigit() for c in token))
+    if not mixed or token.startswith("/") or "//" in token:
+        return False
+    return len(token) >= 100 or (len(token.rstrip("=")) == 40 and token.count("/") <= 2)
+
+
+def redact(text: str) -> str:
+    """text with AWS access key ids, secret keys and session tokens replaced by `***`.
+
+    Catches: the values of the AWS credential environment variables, access key ids
+    (AKIA.../ASIA...), `name=value` / `"name": "value"` pairs of secret-looking names (presigned
+    URL parameters included), and bare 40-char secrets / 100+ char tokens of mixed-case base64.
+    """
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(var, "")
+        if len(value) >= 16:
+            text = text.replace(value, REDACTED)
+    text = _ACCESS_KEY_ID.sub(REDACTED, text)
+    text = _LABELLED_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
+    return _BASE64_RUN.sub(lambda m: REDACTED if _looks_secret(m.group(0)) else m.group(0), text)
