@@ -1,0 +1,203 @@
+"""Backbones at output stride 8: the paper's ResNet-38, torchvision's ResNet-50, a tiny CPU net.
+
+Every backbone maps an ImageNet-normalised RGB float image `[B,3,H,W]` to the list of the
+features of its last three stages, `[B,c_k,ceil(H/8),ceil(W/8)]` for the channels
+`c_k = out_channels[k]` (exactly `H/8 x W/8` when H and W are multiples of 8). It has the
+attributes `out_channels: tuple[int, int, int]` and `name: str`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+
+class PreActBlock(nn.Module):
+    """ResNet-38's two-conv residual unit: BN-ReLU, 3x3 conv (stride), BN-ReLU, 3x3 conv.
+
+    The shortcut is the identity, or a 1x1 conv of the pre-activated input where the shape
+    changes. Parameter names follow jiwoon-ahn/psa (`bn_branch2a`, `conv_branch2a`, ...).
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1,
+                 dilation: int = 1, first_dilation: int | None = None):
+        super().__init__()
+        first_dilation = dilation if first_dilation is None else first_dilation
+        self.bn_branch2a = nn.BatchNorm2d(in_channels)
+        self.conv_branch2a = nn.Conv2d(in_channels, mid_channels, 3, stride, padding=first_dilation,
+                                       dilation=first_dilation, bias=False)
+        self.bn_branch2b1 = nn.BatchNorm2d(mid_channels)
+        self.conv_branch2b1 = nn.Conv2d(mid_channels, out_channels, 3, padding=dilation,
+                                        dilation=dilation, bias=False)
+        self.conv_branch1 = (None if in_channels == out_channels and stride == 1
+                             else nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))
+
+    def forward_with_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(block output, ReLU(BN(x))): the second is the reference's `conv4`/`conv5` feature."""
+        preact = F.relu(self.bn_branch2a(x))
+        shortcut = x if self.conv_branch1 is None else self.conv_branch1(preact)
+        residual = self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(preact))))
+        return shortcut + residual, preact
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_preact(x)[0]
+
+
+class PreActBottleneck(nn.Module):
+    """ResNet-38's bottleneck unit (out/4 -> out/2 -> out), pre-activated, with channel dropout
+    before the 3x3 and the last 1x1 conv, and a projection shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int, dropout: float):
+        super().__init__()
+        self.bn_branch2a = nn.BatchNorm2d(in_channels)
+        self.conv_branch2a = nn.Conv2d(in_channels, out_channels // 4, 1, bias=False)
+        self.bn_branch2b1 = nn.BatchNorm2d(out_channels // 4)
+        self.dropout_2b1 = nn.Dropout2d(dropout)
+        self.conv_branch2b1 = nn.Conv2d(out_channels // 4, out_channels // 2, 3, padding=dilation,
+                                        dilation=dilation, bias=False)
+        self.bn_branch2b2 = nn.BatchNorm2d(out_channels // 2)
+        self.dropout_2b2 = nn.Dropout2d(dropout)
+        self.conv_branch2b2 = nn.Conv2d(out_channels // 2, out_channels, 1, bias=False)
+        self.conv_branch1 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward_with_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        preact = F.relu(self.bn_branch2a(x))
+        h = self.conv_branch2a(preact)
+        h = self.conv_branch2b1(self.dropout_2b1(F.relu(self.bn_branch2b1(h))))
+        h = self.conv_branch2b2(self.dropout_2b2(F.relu(self.bn_branch2b2(h))))
+        return self.conv_branch1(preact) + h, preact
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_preact(x)[0]
+
+
+class ResNet38d(nn.Module):
+    """ResNet-38 (Wu et al., "Wider or Deeper", model A) with dilated last stages, as in the paper.
+
+    conv1a (3x3, 64) -> b2 (x3, 128, /2) -> b3 (x3, 256, /4) -> b4 (x6, 512, /8) ->
+    b5 (x3, 1024, dilation 2) -> b6 (bottleneck 2048, dilation 4, dropout 0.3) ->
+    b7 (bottleneck 4096, dilation 4, dropout 0.5) -> bn7 -> ReLU.
+    Outputs, as the reference's `conv4, conv5, conv6`: ReLU(BN(b4 output)) [512],
+    ReLU(BN(b5 output)) [1024], ReLU(bn7(b7 output)) [4096]. Module and parameter names are the
+    reference's, so its checkpoints load by name (see `weights.py`).
+    """
+
+    name = "resnet38d"
+    out_channels = (512, 1024, 4096)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1a = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        # (name prefix, repeats, in, mid, out, stride of the first unit, first dilation, dilation)
+        stages = [("b2", 3, 64, 128, 128, 2, 1, 1), ("b3", 3, 128, 256, 256, 2, 1, 1),
+                  ("b4", 6, 256, 512, 512, 2, 1, 1), ("b5", 3, 512, 512, 1024, 1, 1, 2)]
+        self.block_names: list[str] = []
+        for prefix, repeats, cin, mid, cout, stride, first_dilation, dilation in stages:
+            for i in range(repeats):
+                block_name = prefix if i == 0 else f"{prefix}_{i}"
+                block = (PreActBlock(cin, mid, cout, stride, dilation, first_dilation) if i == 0
+                         else PreActBlock(cout, mid, cout, 1, dilation))
+                self.add_module(block_name, block)
+                self.block_names.append(block_name)
+        self.b6 = PreActBottleneck(1024, 2048, dilation=4, dropout=0.3)
+        self.b7 = PreActBottleneck(2048, 4096, dilation=4, dropout=0.5)
+        self.bn7 = nn.BatchNorm2d(4096)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.conv1a(x)
+        for block_name in self.block_names:
+            if block_name == "b5":
+                x, conv4 = self.b5.forward_with_preact(x)
+            else:
+                x = getattr(self, block_name)(x)
+        x, conv5 = self.b6.forward_with_preact(x)
+        conv6 = F.relu(self.bn7(self.b7(x)))
+        return [conv4, conv5, conv6]
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 (v1.5) with dilation instead of stride in layer3 and layer4.
+
+    Outputs layer2 [512], layer3 [1024], layer4 [2048], all at stride 8. Submodule names are
+    torchvision's (`conv1`, `bn1`, `layer1`..`layer4`), so its checkpoints load by name. Weights
+    are never downloaded here; load them with `weights.load_weights`.
+    """
+
+    name = "resnet50"
+    out_channels = (512, 1024, 2048)
+
+    def __init__(self):
+        super().__init__()
+        net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.layer1(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
+        c2 = self.layer2(x)
+        c3 = self.layer3(c2)
+        return [c2, c3, self.layer4(c3)]
+
+
+class BasicBlock(nn.Module):
+    """Post-activation residual unit: 3x3 conv (stride, dilation)-BN-ReLU-3x3 conv-BN, + shortcut
+    (1x1 conv-BN where the shape changes), ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=dilation, dilation=dilation,
+                               bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = (nn.Identity() if in_channels == out_channels and stride == 1 else
+                         nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                       nn.BatchNorm2d(out_channels)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(h + self.shortcut(x))
+
+
+class TinyNet(nn.Module):
+    """A small CNN (~0.5 M parameters) for the synthetic corpus on a CPU.
+
+    stem (3x3 conv /2, 32) -> layer1 (/4, 48) -> layer2 (/8, 64) -> layer3 (dilation 2, 96) ->
+    layer4 (dilation 4, 128); one residual unit per layer. Outputs layer2, layer3, layer4.
+    """
+
+    name = "tiny"
+    out_channels = (64, 96, 128)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, padding=1, bias=False), nn.BatchNorm2d(32),
+                                  nn.ReLU(inplace=True))
+        self.layer1 = BasicBlock(32, 48, stride=2)
+        self.layer2 = BasicBlock(48, 64, stride=2)
+        self.layer3 = BasicBlock(64, 96, dilation=2)
+        self.layer4 = BasicBlock(96, 128, dilation=4)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        c2 = self.layer2(self.layer1(self.stem(x)))
+        c3 = self.layer3(c2)
+        return [c2, c3, self.layer4(c3)]
+
+
+BACKBONES: dict[str, Callable[[], nn.Module]] = {
+    ResNet38d.name: ResNet38d,
+    ResNet50.name: ResNet50,
+    TinyNet.name: TinyNet,
+}
+
+
+def build_backbone(name: str) -> nn.Module:
+    """A freshly initialised backbone by registry name; ValueError naming the valid ones."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]()
+
+
+__all__ = ["BACKBONES", "build_backbone", "ResNet38d", "ResNet50", "TinyNet"]

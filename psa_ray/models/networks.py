@@ -1,0 +1,136 @@
+"""The three networks of the method, each a `backbone` submodule plus a new head.
+
+All outputs are at the backbone's stride 8: `h, w = ceil(H/8), ceil(W/8)` for an input
+`[B,3,H,W]`. The shared `backbone` name lets one network start from another's trained backbone:
+`affinity_net.backbone.load_state_dict(cam_net.backbone.state_dict())`.
+`param_groups()` splits the parameters into (backbone, new layers) for the new layers' 10x rate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+from psa_ray.models.backbones import build_backbone
+
+
+def _as_backbone(backbone: nn.Module | str) -> nn.Module:
+    return build_backbone(backbone) if isinstance(backbone, str) else backbone
+
+
+class _WithBackbone(nn.Module):
+    """A backbone plus new layers: every parameter outside `backbone` is a new layer's."""
+
+    def __init__(self, backbone: nn.Module | str):
+        super().__init__()
+        self.backbone = _as_backbone(backbone)
+
+    def param_groups(self) -> tuple[list[Parameter], list[Parameter]]:
+        """(backbone parameters, new-layer parameters)."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        return (list(self.backbone.parameters()),
+                [p for p in self.parameters() if id(p) not in backbone_ids])
+
+
+class CamNet(_WithBackbone):
+    """The classification network whose class activation maps seed the method.
+
+    The classifier is a bias-free 1x1 conv on the last feature (the reference's `fc8`, Xavier
+    init); training applies channel dropout to that feature first.
+    """
+
+    def __init__(self, backbone: nn.Module | str, num_classes: int, dropout: float = 0.5):
+        super().__init__(backbone)
+        self.num_classes = num_classes
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(self.backbone.out_channels[-1], num_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.classifier.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Image-level logits [B,num_classes]: the global average of the classifier map (pooling
+        first, which equals it for a 1x1 conv without bias)."""
+        feature = self.dropout(self.backbone(x)[-1])
+        return self.classifier(F.adaptive_avg_pool2d(feature, 1)).flatten(1)
+
+    def cams(self, x: Tensor) -> Tensor:
+        """Class activation maps [B,num_classes,h,w]: ReLU of the classifier on the last feature,
+        without dropout."""
+        return F.relu(self.classifier(self.backbone(x)[-1]))
+
+
+def default_feature_dims(out_channels: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The reference's reductions (512 -> 64, 1024 -> 128, 4096 -> 256, i.e. /8, /8, /16) scaled to
+    a backbone's channels, at least 32 each: resnet38d (64, 128, 256), resnet50 (64, 128, 128),
+    tiny (32, 32, 32)."""
+    return tuple(max(32, c // r) for c, r in zip(out_channels, (8, 8, 16)))
+
+
+class AffinityNet(_WithBackbone):
+    """Features whose L1 distances give the semantic affinities between nearby pixels.
+
+    Bias-free 1x1 convs reduce the last three backbone features to `feature_dims` (the
+    reference's `f8_3, f8_4, f8_5`), each followed by an ELU; their concatenation goes through a
+    bias-free 1x1 conv to `out_dim` (the reference's `f9`, default: the sum of `feature_dims`)
+    and an ELU, as in jiwoon-ahn/psa.
+    """
+
+    def __init__(self, backbone: nn.Module | str, feature_dims: tuple[int, int, int] | None = None,
+                 out_dim: int | None = None):
+        super().__init__(backbone)
+        feature_dims = tuple(feature_dims or default_feature_dims(self.backbone.out_channels))
+        self.out_dim = out_dim or sum(feature_dims)
+        self.reduce = nn.ModuleList(nn.Conv2d(c, d, 1, bias=False)
+                                    for c, d in zip(self.backbone.out_channels, feature_dims))
+        self.fuse = nn.Conv2d(sum(feature_dims), self.out_dim, 1, bias=False)
+        for conv in self.reduce:
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.xavier_uniform_(self.fuse.weight, gain=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Affinity features [B,out_dim,h,w]."""
+        reduced = [F.elu(conv(f)) for conv, f in zip(self.reduce, self.backbone(x))]
+        return F.elu(self.fuse(torch.cat(reduced, dim=1)))
+
+
+
+class DeepLab(_WithBackbone):
+    """DeepLab-v2's segmentation head on the last backbone feature: ASPP, four 3x3 convs with
+    dilation rates 6, 12, 18 and 24 whose outputs are summed (weights N(0, 0.01), biases 0).
+
+    `num_classes` counts every output label, background included.
+    """
+
+    RATES = (6, 12, 18, 24)
+
+    def __init__(self, backbone: nn.Module | str, num_classes: int):
+        super().__init__(backbone)
+        self.num_classes = num_classes
+        channels = self.backbone.out_channels[-1]
+        self.aspp = nn.ModuleList(nn.Conv2d(channels, num_classes, 3, padding=rate, dilation=rate)
+                                  for rate in self.RATES)
+        for conv in self.aspp:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Per-pixel logits [B,num_classes,h,w]."""
+        feature = self.backbone(x)[-1]
+        return sum(conv(feature) for conv in self.aspp)
+
+
+MODEL_KINDS = ("cam", "affinity", "deeplab")
+
+
+def build_model(kind: str, backbone: str, num_classes: int | None) -> nn.Module:
+    """A freshly initialised network: "cam" (num_classes = foreground classes), "affinity"
+    (num_classes must be None) or "deeplab" (num_classes includes background)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(MODEL_KINDS)}")
+    if kind == "affinity":
+        if num_classes is not None:
+            raise ValueError(f"AffinityNet has no classes; got num_classes={num_classes}")
+        return AffinityNet(backbone)
+    if num_classes is None or num_classes < 1:
+        raise ValueError(f"a {kind!r} model needs num_classes >= 1; got {num_classes}")
+    return CamNet(backbone, num_classes) if kind == "cam" else DeepLab(backbone, num_classes)

@@ -1,0 +1,170 @@
+"""Loading weights into our networks from a local path or an `s3://` URI, renaming foreign keys.
+
+Known formats (`key_map`):
+- None: ours, `model.state_dict()` of a backbone or of a network (`backbone.*` + head keys);
+- "psa_resnet38": jiwoon-ahn/psa checkpoints (res38_cls.pth, res38_aff.pth, the converted
+  ImageNet ResNet-38): backbone keys without prefix (`conv1a.weight`, `b2_1.bn_branch2a.*`, `bn7.*`),
+  heads `fc8` (-> CamNet `classifier`) and `f8_3, f8_4, f8_5, f9` (-> AffinityNet `reduce.0..2`,
+  `fuse`);
+- "torchvision_resnet50": `torchvision.models.resnet50().state_dict()`; `fc.*` is always ignored.
+With `key_map=None` a psa or torchvision checkpoint is recognised by its keys.
+
+Placement: a checkpoint's backbone keys go to `model.backbone` when the model has one, else to
+the model itself (loading a backbone). Head keys the model has no place for are ignored (reported
+in `LoadReport.ignored`): a foreign head (`fc8` into AffinityNet, `fc.*`), or any head when loading
+a whole network's checkpoint into a bare backbone. In our own format, head keys a network lacks
+are unexpected. A head of another shape (e.g. `fc8` for 20 classes into a 5-class CamNet) is an
+error: load such a checkpoint into `model.backbone` instead.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+KEY_MAPS = (None, "psa_resnet38", "torchvision_resnet50")
+
+_BACKBONE_PREFIX = "backbone."
+_PSA_HEADS = {"fc8": "classifier", "f8_3": "reduce.0", "f8_4": "reduce.1", "f8_5": "reduce.2", "f9": "fuse"}
+# Older checkpoints (PyTorch < 0.4.1, the mxnet conversion) have no BatchNorm step counters.
+_OPTIONAL_SUFFIX = "num_batches_tracked"
+_LISTED = 10
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not fit the model (or is not a weights-only checkpoint)."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did. `loaded`/`missing` are model keys; `unexpected`/`ignored` checkpoint keys.
+
+    `missing` may list BatchNorm `num_batches_tracked` counters: they never fail a strict load.
+    """
+
+    source: str
+    key_map: str | None
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def load_weights(model: nn.Module, uri: str, *, strict: bool = True,
+                 key_map: str | None = None) -> LoadReport:
+    """Load a checkpoint file (local path or URI with a scheme, e.g. `s3://`) into `model`.
+
+    The file holds a state dict, or a dict with the state dict under "model" or "state_dict"
+    (a `module.` prefix from DistributedDataParallel is dropped). It is unpickled with
+    `weights_only=True`. WeightsError for any shape mismatch, for an unreadable or non-tensor
+    checkpoint, and (with `strict`) for missing or unexpected keys.
+    """
+    data = _read(uri)
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights checkpoint"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsError(f"{uri}: not a weights-only PyTorch checkpoint "
+                           f"({type(e).__name__}: {first_line[:300]})") from e
+    return load_state(model, _state_dict_of(checkpoint, uri), strict=strict, key_map=key_map, source=uri)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True,
+               key_map: str | None = None, source: str = "state dict") -> LoadReport:
+    """`load_weights` for a state dict already in memory; `source` names it in messages."""
+    if key_map not in KEY_MAPS:
+        raise ValueError(f"unknown key_map {key_map!r}; valid: {', '.join(map(str, KEY_MAPS))}")
+    key_map = key_map or _detect_format(state)
+    targets = model.state_dict()
+    has_backbone = isinstance(getattr(model, "backbone", None), nn.Module)
+    whole_network = any(k.startswith(_BACKBONE_PREFIX) for k in state)
+    report = LoadReport(source=source, key_map=key_map)
+    values: dict[str, torch.Tensor] = {}
+    mismatched: list[str] = []
+    for key, value in state.items():
+        role, name = _classify(key, key_map, whole_network)
+        if role == "backbone":
+            dest = _BACKBONE_PREFIX + name if has_backbone else name
+        elif role == "head" and has_backbone:
+            dest = name
+            if dest not in targets and key_map is not None:
+                report.ignored.append(key)
+                continue
+        else:
+            report.ignored.append(key)
+            continue
+        if dest not in targets:
+            report.unexpected.append(key)
+        elif value.shape != targets[dest].shape:
+            mismatched.append(f"{key} {tuple(value.shape)} -> {dest} {tuple(targets[dest].shape)}")
+        else:
+            values[dest] = value
+    if mismatched:
+        raise WeightsError(f"{source}: {len(mismatched)} shape mismatches (key_map={key_map}): "
+                           f"{_first(mismatched)}")
+    report.missing = [k for k in targets if k not in values]
+    required_missing = [k for k in report.missing if not k.endswith(_OPTIONAL_SUFFIX)]
+    if strict and (required_missing or report.unexpected):
+        raise WeightsError(f"{source} does not fit {type(model).__name__} (key_map={key_map}): "
+                           f"{len(required_missing)} missing keys {_first(required_missing)}, "
+                           f"{len(report.unexpected)} unexpected keys {_first(report.unexpected)}")
+    model.load_state_dict(values, strict=False)
+    report.loaded = list(values)
+    return report
+
+
+def _read(uri: str) -> bytes:
+    if "://" not in uri:
+        with open(uri, "rb") as f:
+            return f.read()
+    from psa_ray.io.storage import read_bytes
+
+    return read_bytes(uri)
+
+
+def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint, without a DDP `module.` prefix."""
+    if isinstance(checkpoint, Mapping):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(checkpoint.get(wrapper), Mapping):
+                checkpoint = checkpoint[wrapper]
+                break
+    if not isinstance(checkpoint, Mapping):
+        raise WeightsError(f"{source}: expected a state dict, got {type(checkpoint).__name__}")
+    bad = [str(k) for k, v in checkpoint.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise WeightsError(f"{source}: {len(bad)} entries are not named tensors: {_first(bad)}")
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):
+        return {k[len("module."):]: v for k, v in checkpoint.items()}
+    return dict(checkpoint)
+
+
+def _detect_format(state: Mapping[str, torch.Tensor]) -> str | None:
+    if "conv1a.weight" in state:
+        return "psa_resnet38"
+    if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        return "torchvision_resnet50"
+    return None
+
+
+def _classify(key: str, key_map: str | None, whole_network: bool) -> tuple[str, str]:
+    """("backbone", name in the backbone) | ("head", name in the network) | ("ignore", key)."""
+    if key_map == "psa_resnet38":
+        module, _, rest = key.partition(".")
+        return ("head", f"{_PSA_HEADS[module]}.{rest}") if module in _PSA_HEADS else ("backbone", key)
+    if key_map == "torchvision_resnet50":
+        return ("ignore", key) if key.startswith("fc.") else ("backbone", key)
+    if not whole_network:
+        return "backbone", key
+    if key.startswith(_BACKBONE_PREFIX):
+        return "backbone", key[len(_BACKBONE_PREFIX):]
+    return "head", key
+
+
+def _first(keys: list[str]) -> str:
+    more = f", ... (+{len(keys) - _LISTED})" if len(keys) > _LISTED else ""
+    return "[" + ", ".join(keys[:_LISTED]) + more + "]"
