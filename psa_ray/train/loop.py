@@ -1,0 +1,174 @@
+"""One Ray Train loop for the three networks (CAM net, AffinityNet, DeepLab).
+
+`fit` is the driver side (TorchTrainer, scaling, storage, failure handling); `train_loop_per_worker`
+runs on each worker: the torchvision-references style loop of SGD with a poly schedule, 10x rate
+on new layers, bf16 autocast on GPU, and a checkpoint every epoch that a restarted run resumes from.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+
+from psa_ray.config import TrainConfig, to_dict
+from psa_ray.io.storage import join, read_bytes, write_bytes
+from psa_ray.models.weights import load_weights
+from psa_ray.train.augment import TrainAugment
+from psa_ray.train.tasks import get_task
+
+MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+
+
+def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
+    """The poly schedule: base_lr * (1 - step / max_steps) ** power."""
+    return base_lr * (1.0 - min(step, max_steps) / max_steps) ** power
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD over (backbone, new layers) with the new layers at `new_layer_lr_mult` x the rate."""
+    backbone_params, new_params = model.param_groups()
+    return torch.optim.SGD(
+        [{"params": backbone_params, "lr_mult": 1.0},
+         {"params": new_params, "lr_mult": config.new_layer_lr_mult}],
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _init_weights(model: torch.nn.Module, config: TrainConfig, init: dict[str, Any] | None) -> None:
+    """Initial weights: pretrained backbone weights, then `init` (a whole model, or only its
+    backbone, e.g. AffinityNet from the trained CAM network)."""
+    if config.backbone_weights:
+        load_weights(model.backbone, config.backbone_weights, strict=False)
+    if init:
+        target = model.backbone if init.get("backbone_only") else model
+        load_weights(target, init["uri"], strict=not init.get("backbone_only"))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; `loop_config` is built by `fit`."""
+    config: TrainConfig = loop_config["train"]
+    task = get_task(loop_config["kind"], loop_config.get("radius", 5))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed + rank)
+    device = get_device()
+
+    model = task.build(config.backbone, loop_config["num_classes"])
+    optimizer = make_optimizer(model, config)
+    start_epoch, step, first_loss = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            model.load_state_dict(torch.load(os.path.join(folder, MODEL_FILE), weights_only=True))
+            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, first_loss = int(state["epoch"]), int(state["step"]), state["first_loss"]
+    else:
+        _init_weights(model, config, loop_config.get("init"))
+    model = prepare_model(model.to(device))
+    core = model.module if hasattr(model, "module") else model
+
+    augment = TrainAugment(config)
+    per_worker_batch = max(1, config.batch_size // world)
+    max_steps = max(1, loop_config["steps_per_epoch"] * config.epochs)
+    autocast = device.type == "cuda" and config.mixed_precision
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        started, sums, batches = time.perf_counter(), {}, 0
+        for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
+                                        drop_last=False):
+            images, masks = augment.batch(batch["rgb"], batch["mask"] if task.uses_mask else None)
+            tensors = {"tags": torch.as_tensor(np.stack(batch["tags"]), dtype=torch.float32)}
+            if masks is not None:
+                tensors["mask"] = masks
+            images = images.to(device, non_blocking=True)
+            tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+            lr = poly_lr(config.lr, step, max_steps, config.poly_power)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, parts = task.loss(model, images, tensors)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            batches += 1
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+
+        metrics = {k: v / max(batches, 1) for k, v in sums.items()}
+        first_loss = metrics.get("loss") if first_loss is None else first_loss
+        metrics.update(epoch=epoch + 1, step=step, first_loss=first_loss, resumed_from_epoch=start_epoch,
+                       epoch_seconds=time.perf_counter() - started)
+        last = epoch + 1 == config.epochs
+        if rank == 0 and (last or (epoch + 1) % config.checkpoint_every_epochs == 0):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(core.state_dict(), os.path.join(folder, MODEL_FILE))
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
+                            "first_loss": first_loss}, os.path.join(folder, STATE_FILE))
+                with open(os.path.join(folder, META_FILE), "w") as f:
+                    json.dump(loop_config["meta"], f)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+
+
+def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: int,
+        class_names: list[str], output_uri: str, init: dict[str, Any] | None = None,
+        radius: int = 5, cpus_per_worker: float = 1.0, max_failures: int = 2) -> tuple[str, dict]:
+    """Train one network with Ray Train; returns (URI of the exported weights, last metrics).
+
+    `dataset` rows carry `rgb` (uint8 HxWx3), `tags` (multi-hot float32) and, for AffinityNet and
+    DeepLab, `mask` (seeds or pseudo labels). Checkpoints go to `<output>/checkpoints/<kind>/`;
+    rerunning with the same output resumes from the latest one. The final weights are exported
+    to `<output>/checkpoints/<kind>/model.pt` with `meta.json` beside them.
+    """
+    storage = join(output_uri, "checkpoints")
+    meta = {"kind": kind, "backbone": config.backbone, "num_classes": len(class_names),
+            "class_names": list(class_names), "radius": radius, "train": to_dict(config)}
+    per_step = max(1, config.batch_size // max(1, config.num_workers)) * max(1, config.num_workers)
+    loop_config = {"kind": kind, "train": config, "num_classes": len(class_names), "init": init,
+                   "radius": radius, "meta": meta, "steps_per_epoch": math.ceil(num_rows / per_step)}
+    worker_resources = {"CPU": cpus_per_worker}
+    if config.use_gpu:
+        worker_resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=worker_resources),
+        run_config=RunConfig(name=kind, storage_path=_ray_storage_path(storage),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    weights_uri = join(storage, kind, MODEL_FILE)
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, MODEL_FILE), "rb") as f:
+            write_bytes(weights_uri, f.read())
+        with open(os.path.join(folder, META_FILE), "rb") as f:
+            write_bytes(join(storage, kind, META_FILE), f.read())
+    return weights_uri, dict(result.metrics or {})
+
+
+def read_meta(weights_uri: str) -> dict[str, Any]:
+    """The meta.json written beside exported weights (kind, backbone, class names, config)."""
+    folder = weights_uri.rsplit("/", 1)[0]
+    return json.loads(read_bytes(join(folder, META_FILE)))
+
+
+def _ray_storage_path(uri: str) -> str:
+    """Ray Train takes `s3://...` directly (endpoint from AWS_ENDPOINT_URL) and absolute local paths."""
+    return uri if "://" in uri else os.path.abspath(uri)
