@@ -1,0 +1,10 @@
+"""Train the CAM network on image tags with Ray Train (see --help)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from psa_ray.train.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("cam"))
