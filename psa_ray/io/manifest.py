@@ -6,11 +6,13 @@ file names), `image` (s3:// URI, absolute path, or path relative to the manifest
 Class names: `classes=` or `classes.txt` beside the manifest (one per line, no background).
 
 Rows that cannot be used are dropped and reported as RowError (stage "manifest") with one of
-these codes: `bad_row` (a JSONL line that is not a JSON object), `bad_id`, `duplicate_id` (the
-first row with an id keeps it), `missing_image`, `bad_image` (not a string, or an unsupported
-URI scheme), `bad_tags` (not a list of strings), `no_tags`, `unknown_tag`, and for VOC
-`missing_annotation` / `bad_annotation`. Problems with the manifest as a whole raise
-ManifestError.
+these codes: `bad_row` (a JSONL line that is not a JSON object), `bad_id` (empty, not a string,
+longer than MAX_ID_BYTES, or holding `/`, `\\`, `..` or a control character: ids become file
+names), `duplicate_id` (the first row with an id keeps it; ids are compared after stripping
+spaces), `missing_image`, `bad_image` (not a string, an unsupported URI scheme, or an s3:// URI
+without a valid bucket and key, e.g. with credentials in it), `bad_tags` (not a list of strings),
+`no_tags`, `unknown_tag`, and for VOC `missing_annotation` / `bad_annotation`. Problems with the
+manifest as a whole raise ManifestError. Messages and error rows are redacted (`storage.redact`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, join, parent, read_bytes, redact,
-                                write_bytes)
+                                s3_bucket_and_key, write_bytes)
 
 MANIFEST_FORMATS = ("parquet", "jsonl", "csv")
 CSV_TAG_SEPARATOR = "|"
@@ -39,6 +41,9 @@ VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor"]
 VOC_SPLITS = ("train", "val", "trainval")
+# Output names are `<image_id>.png`, written through a `.<name>.<32 hex>.tmp` file: 200 bytes keep
+# both under the usual 255-byte file name limit.
+MAX_ID_BYTES = 200
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("stage", pa.string()),
                           ("error", pa.string()), ("message", pa.string())])
@@ -46,6 +51,9 @@ ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("s
 
 class ManifestError(ValueError):
     """The corpus as a whole cannot be read (the message names the problem and the file)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 @dataclass
@@ -58,8 +66,17 @@ class RowError:
     error: str    # a short code
     message: str  # for people
 
+    def __post_init__(self) -> None:
+        self.image_id = _valid_utf8(self.image_id)
+        self.image, self.message = redact(_valid_utf8(self.image)), redact(_valid_utf8(self.message))
+
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+
+def _valid_utf8(text: str) -> str:
+    """text with lone surrogates (possible in JSON) spelled out as `\\udxxx`: Parquet needs UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -91,7 +108,7 @@ class Corpus:
         })
 
 
-class _RowProblem(Exception):
+class RowProblem(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
@@ -106,8 +123,8 @@ def _read_text(uri: str, what: str, endpoint_url: str | None) -> str:
         raise ManifestError(f"{what} not found: {uri}") from None
     except UnicodeDecodeError:
         raise ManifestError(f"{what} {uri} is not UTF-8 text") from None
-    except OSError as e:
-        raise ManifestError(f"{what} {uri} is unreadable: {redact(str(e))}") from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{what} {uri} is unreadable: {e}") from None
 
 
 def _is_file_reference(classes: str) -> bool:
@@ -212,30 +229,46 @@ def _csv_records(text: str, uri: str) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- row validation
 
-def _id_problem(image_id: Any) -> str | None:
+def id_problem(image_id: Any) -> str | None:
     if not isinstance(image_id, str):
         return "image_id is missing" if image_id is None else f"image_id must be a string, got {image_id!r}"
-    if not image_id.strip():
+    image_id = image_id.strip()  # the id used is the stripped one
+    if not image_id:
         return "image_id is empty"
-    for bad, what in (("/", "'/'"), ("\\", "'\\'"), ("..", "'..'"), ("\x00", "a NUL character")):
+    if _valid_utf8(image_id) != image_id:
+        return f"image_id {image_id!r} is not valid Unicode text"
+    size = len(image_id.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        return f"image_id is {size} bytes long, more than {MAX_ID_BYTES} (it becomes a file name)"
+    for bad, what in (("/", "'/'"), ("\\", "'\\'"), ("..", "'..'")):
         if bad in image_id:
             return f"image_id {image_id!r} contains {what} (it becomes a file name)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in image_id):
+        return f"image_id {image_id!r} contains a control character (it becomes a file name)"
     return None
 
 
-def _resolve_image(image: Any, base: str) -> str:
+def resolve_image(image: Any, base: str) -> str:
     """An absolute URI/path for a row's image field; base is the manifest's folder."""
     if image is None or (isinstance(image, str) and not image.strip()):
-        raise _RowProblem("missing_image", "image is missing")
+        raise RowProblem("missing_image", "image is missing")
     if not isinstance(image, str):
-        raise _RowProblem("bad_image", f"image must be a string, got {image!r}")
+        raise RowProblem("bad_image", f"image must be a string, got {image!r}")
+    if _valid_utf8(image) != image:
+        raise RowProblem("bad_image", f"image {image!r} is not valid Unicode text")
     image = image.strip()
     if image.startswith(S3_SCHEME):
+        try:
+            key = s3_bucket_and_key(image)[1]
+        except ValueError as e:
+            raise RowProblem("bad_image", str(e)) from None
+        if not key.strip("/"):
+            raise RowProblem("bad_image", f"no object key in {image!r}")
         return image
     if image.startswith(FILE_SCHEME):
         return os.path.normpath(image[len(FILE_SCHEME):])
     if "://" in image:
-        raise _RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
+        raise RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
     if os.path.isabs(image):
         return os.path.normpath(image)
     if base.startswith(S3_SCHEME):
@@ -245,15 +278,15 @@ def _resolve_image(image: Any, base: str) -> str:
 
 def _clean_tags(tags: Any, known: set[str]) -> list[str]:
     if tags is None:
-        raise _RowProblem("no_tags", "tags are missing")
+        raise RowProblem("no_tags", "tags are missing")
     if not isinstance(tags, list) or not all(t is None or isinstance(t, str) for t in tags):
-        raise _RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
+        raise RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
     names = list(dict.fromkeys(t.strip() for t in tags if t is not None and t.strip()))
     if not names:
-        raise _RowProblem("no_tags", "no tags (every image needs at least one class)")
+        raise RowProblem("no_tags", "no tags (every image needs at least one class)")
     unknown = [t for t in names if t not in known]
     if unknown:
-        raise _RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
+        raise RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
     return names
 
 
@@ -267,18 +300,18 @@ def _validate(records: list[dict[str, Any]], class_names: list[str],
     for record in records:
         raw_id, raw_image = record["image_id"], record["image"]
         try:
-            problem = _id_problem(raw_id)
+            problem = id_problem(raw_id)
             if problem:
-                raise _RowProblem("bad_id", problem)
+                raise RowProblem("bad_id", problem)
             image_id = raw_id.strip()
             if image_id in seen:
-                raise _RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
+                raise RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
             seen.add(image_id)
             if "problem" in record:
                 raise record["problem"]
-            image = _resolve_image(raw_image, base)
+            image = resolve_image(raw_image, base)
             rows.append(CorpusRow(image_id, image, _clean_tags(record["tags"], known)))
-        except _RowProblem as p:
+        except RowProblem as p:
             errors.append(RowError("" if raw_id is None else str(raw_id),
                                    "" if raw_image is None else str(raw_image),
                                    "manifest", p.code, f"{record['where']}: {p}"))
@@ -303,8 +336,8 @@ def _read_manifest(uri: str, classes: list[str] | str | None,
         data = read_bytes(uri, endpoint_url)
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {uri}") from None
-    except OSError as e:
-        raise ManifestError(f"manifest {uri} is unreadable: {redact(str(e))}") from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"manifest {uri} is unreadable: {e}") from None
     errors: list[RowError] = []
     if fmt == "parquet":
         records = _parquet_records(data, uri)
@@ -339,17 +372,17 @@ def voc_ground_truth_uri(root: str, image_id: str, endpoint_url: str | None = No
     return uri if exists(uri, endpoint_url) else None
 
 
-def _voc_tags(root: str, image_id: str, endpoint_url: str | None) -> list[str] | _RowProblem:
+def _voc_tags(root: str, image_id: str, endpoint_url: str | None) -> list[str] | RowProblem:
     """Object names in Annotations/<image_id>.xml (difficult objects included), or the problem."""
     uri = join(root, "Annotations", f"{image_id}.xml")
     try:
         tree = ET.fromstring(read_bytes(uri, endpoint_url))
     except FileNotFoundError:
-        return _RowProblem("missing_annotation", f"no annotation {uri}")
+        return RowProblem("missing_annotation", f"no annotation {uri}")
     except ET.ParseError as e:
-        return _RowProblem("bad_annotation", f"annotation {uri} is not valid XML: {e}")
+        return RowProblem("bad_annotation", f"annotation {uri} is not valid XML: {e}")
     except OSError as e:
-        return _RowProblem("bad_annotation", f"annotation {uri} is unreadable: {redact(str(e))}")
+        return RowProblem("bad_annotation", f"annotation {uri} is unreadable: {e}")
     return [(obj.findtext("name") or "").strip() for obj in tree.findall("object")]
 
 
@@ -361,14 +394,14 @@ def _read_voc(root: str, split: str, classes: list[str] | str | None,
     ids_uri = join(root, "ImageSets", "Segmentation", f"{split}.txt") if split in VOC_SPLITS else split
     ids = [line.split()[0] for line in _read_text(ids_uri, "VOC split file", endpoint_url).splitlines()
            if line.strip()]
-    fetch = sorted({i for i in ids if _id_problem(i) is None})
+    fetch = sorted({i for i in ids if id_problem(i) is None})
     with ThreadPoolExecutor(max_workers=16) as pool:
         tags = dict(zip(fetch, pool.map(lambda i: _voc_tags(root, i, endpoint_url), fetch)))
     records = []
     for number, image_id in enumerate(ids, 1):
         record = {"image_id": image_id, "image": f"JPEGImages/{image_id}.jpg",
                   "tags": tags.get(image_id), "where": f"line {number} of {ids_uri}"}
-        if isinstance(record["tags"], _RowProblem):
+        if isinstance(record["tags"], RowProblem):
             record["problem"] = record.pop("tags")
         records.append(record)
     rows, errors = _validate(records, VOC_CLASSES, root)

@@ -3,11 +3,14 @@
 A URI is either `s3://bucket/key`, `file:///abs/path`, or a plain local path (relative paths are
 made absolute). The S3 endpoint comes from `endpoint_url`, else `AWS_ENDPOINT_URL_S3`, else
 `AWS_ENDPOINT_URL` (unset in production: AWS itself); credentials come from the usual AWS
-environment variables / default chain. Transient S3 failures are retried with exponential
-backoff (`RETRY_POLICY`); a missing object raises FileNotFoundError at once.
+environment variables / default chain. Transient failures (S3 throttling, 5xx, dropped
+connections; on local/network mounts EIO, ETIMEDOUT, EAGAIN, ...) are retried with exponential
+backoff (`RETRY_POLICY`), on top of the AWS SDK's own 3 attempts per request; a missing object
+raises FileNotFoundError at once.
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import random
@@ -47,16 +50,26 @@ RETRY_POLICY = RetryPolicy()
 TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError",
                      "SERVICE_UNAVAILABLE", "ServiceUnavailable", "RequestTimeout", "REQUEST_TIMEOUT",
                      "Throttl", "THROTTL", "Connection reset", "timed out")
-_TRANSIENT_STATUS = re.compile(r"(?i)\b(?:http(?: status)?|status(?: code)?)[:= ]*(?:500|502|503|504)\b")
+_TRANSIENT_STATUS = re.compile(r"(?i)\b(?:http(?: status)?|status(?: code)?)[:= ]*(?:429|500|502|503|504)\b")
+# errno values of local and network-mounted (NFS, FUSE: s3fs, gcsfuse, mountpoint-s3) files that a
+# retry may cure; FUSE S3 mounts report backend failures as EIO.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT,
+                              errno.ECONNRESET, errno.ECONNABORTED, errno.ESTALE})
+
+# Any S3 bucket name, legacy us-east-1 names (capitals, '_', up to 255 characters) included.
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 _cache: dict[tuple[str, str | None], pafs.FileSystem] = {}
 _cache_lock = threading.Lock()
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for an OSError that a retry may cure (throttling, 5xx, dropped connections)."""
+    """True for an OSError that a retry may cure (throttling, 5xx, dropped connections, the
+    errnos in TRANSIENT_ERRNOS)."""
     if not isinstance(error, OSError) or isinstance(error, (FileNotFoundError, PermissionError)):
         return False
+    if error.errno in TRANSIENT_ERRNOS:
+        return True
     message = str(error)
     return any(m in message for m in TRANSIENT_MARKERS) or bool(_TRANSIENT_STATUS.search(message))
 
@@ -94,6 +107,16 @@ def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_bucket_and_key(uri: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key` (the key may be empty). ValueError, redacted, for a
+    bucket name no S3 bucket can have (e.g. `s3://KEY:SECRET@bucket/...`)."""
+    bucket, _, object_key = uri[len(S3_SCHEME):].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"no valid bucket in S3 URI {redact(uri)!r} (bucket names hold only letters, "
+                         "digits, '.', '-' and '_'; credentials do not belong in URIs)")
+    return bucket, object_key
+
+
 def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it without scheme) for a local path or an s3:// URI.
 
@@ -101,11 +124,10 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSyst
     """
     if uri.startswith(S3_SCHEME):
         key: tuple[str, str | None] = ("s3", _endpoint(endpoint_url))
-        path = uri[len(S3_SCHEME):].rstrip("/")
-        if not path:
-            raise ValueError(f"no bucket in S3 URI {uri!r}")
+        bucket, object_key = s3_bucket_and_key(uri)
+        path = f"{bucket}/{object_key}".rstrip("/")
     elif "://" in uri and not uri.startswith(FILE_SCHEME):
-        raise ValueError(f"unsupported URI scheme in {uri!r} (use s3:// or a local path)")
+        raise ValueError(f"unsupported URI scheme in {redact(uri)!r} (use s3:// or a local path)")
     else:
         key = ("file", None)
         path = os.path.abspath(uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri)
@@ -123,13 +145,23 @@ def join(base_uri: str, *parts: str) -> str:
     return "/".join(pieces)
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
-    """The whole object/file. FileNotFoundError if it does not exist."""
+class ObjectTooLargeError(ValueError):
+    """A file/object larger than the reader's `max_bytes`."""
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None, *, max_bytes: int | None = None) -> bytes:
+    """The whole object/file. FileNotFoundError if it does not exist; ObjectTooLargeError if it
+    holds more than max_bytes (at most max_bytes + 1 bytes are read to find out)."""
     fs, path = filesystem(uri, endpoint_url)
 
     def read() -> bytes:
         with fs.open_input_stream(path) as stream:
-            return stream.read()
+            if max_bytes is None:
+                return stream.read()
+            data = stream.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ObjectTooLargeError(f"{uri} holds more than the limit of {max_bytes} bytes")
+        return data
 
     return with_retries(read)
 
@@ -142,7 +174,8 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     are created.
     """
     fs, path = filesystem(uri, endpoint_url)
-    if isinstance(fs, pafs.LocalFileSystem):
+
+    def write_local() -> None:
         folder, name = os.path.split(path)
         fs.create_dir(folder, recursive=True)
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
@@ -154,13 +187,12 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
-        return
 
     def put() -> None:
         with fs.open_output_stream(path) as out:
             out.write(data)
 
-    with_retries(put)
+    with_retries(put if uri.startswith(S3_SCHEME) else write_local)
 
 
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
@@ -203,6 +235,7 @@ _LABELLED_SECRET = re.compile(
     r"sessiontoken|x-amz-security-token|x-amz-signature|x-amz-credential|signature|password)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;}]+)")
 _BASE64_RUN = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+=]{40,}(?![A-Za-z0-9/+=])")
+_URI_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 REDACTED = "***"
 
 
@@ -219,13 +252,15 @@ def redact(text: str) -> str:
     """text with AWS access key ids, secret keys and session tokens replaced by `***`.
 
     Catches: the values of the AWS credential environment variables, access key ids
-    (AKIA.../ASIA...), `name=value` / `"name": "value"` pairs of secret-looking names (presigned
-    URL parameters included), and bare 40-char secrets / 100+ char tokens of mixed-case base64.
+    (AKIA.../ASIA...), the `user:password@` part of URIs, `name=value` / `"name": "value"` pairs
+    of secret-looking names (presigned URL parameters included), and bare 40-char secrets /
+    100+ char tokens of mixed-case base64.
     """
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID"):
         value = os.environ.get(var, "")
         if len(value) >= 16:
             text = text.replace(value, REDACTED)
+    text = _URI_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
     text = _ACCESS_KEY_ID.sub(REDACTED, text)
     text = _LABELLED_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
     return _BASE64_RUN.sub(lambda m: REDACTED if _looks_secret(m.group(0)) else m.group(0), text)

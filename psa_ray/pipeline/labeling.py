@@ -100,7 +100,8 @@ def train_stage(kind: str, rows: list[dict[str, Any]], preset: Preset, class_nam
         return weights, {}
     config = {"cam": preset.cam_train, "affinity": preset.affinity_train,
               "deeplab": preset.deeplab_train}[kind]
-    dataset = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus).map_batches(drop_failed)
+    dataset = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
+                              max_side=preset.pipeline.max_side).map_batches(drop_failed)
     columns = ["rgb", "tags"] + (["mask"] if kind != "cam" else [])
     weights, metrics = fit(kind, dataset.select_columns(columns), config, num_rows=len(rows),
                            class_names=class_names, output_uri=output, init=init,
@@ -117,7 +118,7 @@ def seed_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, out
     todo = [r for r in rows if r["image_id"] not in have]
     if todo:
         p = preset.pipeline
-        ds = decoded_dataset(todo, num_cpus=p.decode_cpus)
+        ds = decoded_dataset(todo, num_cpus=p.decode_cpus, max_side=p.max_side)
         ds = ds.map_batches(CamActor, fn_constructor_kwargs=dict(
             cam_weights=cam_weights, cam=preset.cam), batch_size=p.batch_size, compute=_pool(p.gpu_pool),
             **_gpu_args(preset, has_gpu))
@@ -135,7 +136,7 @@ def label_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, af
     evaluate = any(r["gt_uri"] for r in rows)
     if todo:
         p = preset.pipeline
-        ds = decoded_dataset(todo, num_cpus=p.decode_cpus)
+        ds = decoded_dataset(todo, num_cpus=p.decode_cpus, max_side=p.max_side)
         ds = ds.map_batches(CamActor, fn_constructor_kwargs=dict(
             cam_weights=cam_weights, cam=preset.cam, affinity_weights=affinity_weights, walk=preset.walk, keep_cams=evaluate),
             batch_size=p.batch_size, compute=_pool(p.gpu_pool), **_gpu_args(preset, has_gpu))
@@ -252,7 +253,7 @@ def run(job: LabelJob) -> dict[str, Any]:
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
         "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS} if metrics else None,
     }
-    write_bytes(join(job.output, "run.json"), json.dumps(summary, indent=2, default=str).encode())
+    write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record
     summary["report"] = write_report(job.output, rows, preset, cam_w, affinity_w, names, metrics)[-1]
     return {**summary, "metrics_full": metrics}

@@ -1,0 +1,148 @@
+"""Ray Data actors: thin adapters that load the networks once and call `psa_ray.ops.pseudo_labels`.
+
+Every row is handled on its own: a row that fails gets `error`/`message` set and passes on, so one
+bad image never fails the dataset and every input row reaches the writer.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from psa_ray.config import CamConfig, WalkConfig
+from psa_ray.io.images import resize_label
+from psa_ray.io.palette import decode_label_png, encode_label_png
+from psa_ray.io.storage import read_bytes, redact
+from psa_ray.ops.cam import with_background
+from psa_ray.ops.metrics import confusion_matrix
+from psa_ray.ops.pseudo_labels import (
+    crf_scores, scores_to_labels, seed_label, tagged_cams, upsample_scores, walk_scores)
+from psa_ray.train.augment import to_tensor
+from psa_ray.train.evaluate import load_trained
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[str, Any]],
+             columns: dict[str, Any]) -> dict[str, Any]:
+    """Run fn(i) for each row without an error; collect its outputs (defaults for failed rows)."""
+    n = len(batch["image_id"])
+    out: dict[str, list] = {k: [default] * n for k, default in columns.items()}
+    stages, errors, messages = list(batch["stage"]), list(batch["error"]), list(batch["message"])
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            for key, value in fn(i).items():
+                out[key][i] = value
+        except Exception as e:  # noqa: BLE001 - a bad row must not fail the dataset
+            stages[i], errors[i] = stage, type(e).__name__
+            messages[i] = redact(f"{type(e).__name__}: {e}")[:500]
+            traceback.print_exc()
+    result = dict(batch)
+    for key, values in out.items():
+        result[key] = _objects(values)
+    result["stage"], result["error"], result["message"] = map(_objects, (stages, errors, messages))
+    return result
+
+
+def _objects(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = value
+    return array
+
+
+class CamActor:
+    """GPU stage: multi-scale CAMs of the tagged classes (and, for stage D, the random walk)."""
+
+    def __init__(self, cam_weights: str, cam: CamConfig, affinity_weights: str | None = None,
+                 walk: WalkConfig | None = None, keep_cams: bool = True):
+        self.device = inference_device()
+        self.cam_net = load_trained(cam_weights).to(self.device)
+        self.affinity_net = load_trained(affinity_weights).to(self.device) if affinity_weights else None
+        self.cam, self.walk, self.keep_cams = cam, walk or WalkConfig(), keep_cams
+
+    def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        image = to_tensor(batch["rgb"][i]).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            keys, cams = tagged_cams(self.cam_net, image, batch["tags"][i], self.cam)
+        out: dict[str, Any] = {"keys": keys}
+        if self.keep_cams:
+            out["cams"] = cams.float().cpu().numpy().astype(np.float16)
+        if self.affinity_net is not None:
+            out["walked"] = walk_scores(self.affinity_net, image, cams.float(), self.walk).cpu().numpy()
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        columns = {"keys": np.zeros(0, np.int64)}
+        if self.keep_cams:
+            columns["cams"] = np.zeros((0, 1, 1), np.float16)
+        if self.affinity_net is not None:
+            columns["walked"] = np.zeros((1, 1, 1), np.float32)
+        return per_row(batch, "cam" if self.affinity_net is None else "walk",
+                        lambda i: self._row(batch, i), columns)
+
+
+class SeedActor:
+    """CPU stage B: dense CRF at alpha_low / alpha_high -> confident seed label PNG bytes."""
+
+    def __init__(self, cam: CamConfig):
+        self.cam = cam
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        def row(i: int) -> dict[str, Any]:
+            seed = seed_label(batch["rgb"][i], batch["cams"][i].astype(np.float32),
+                              batch["keys"][i], self.cam)
+            return {"png": encode_label_png(seed)}
+        out = per_row(batch, "seed", row, {"png": b""})
+        return {k: out[k] for k in ("image_id", "png", "stage", "error", "message")}
+
+
+class RefineActor:
+    """CPU stage D: dense CRF on the walked scores -> pseudo label, shard columns, evaluation."""
+
+    def __init__(self, walk: WalkConfig, num_classes: int, evaluate: bool):
+        self.walk, self.num_classes, self.evaluate = walk, num_classes, evaluate
+
+    def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        rgb, keys = batch["rgb"][i], batch["keys"][i]
+        walked = upsample_scores(batch["walked"][i], *rgb.shape[:2])
+        probs = crf_scores(rgb, walked, self.walk.crf)
+        # An image shrunk for processing (readers.MAX_SIDE) gets its label at its full size.
+        height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
+        label = resize_label(scores_to_labels(probs, keys), height, width)
+        counts = np.bincount(label.ravel(), minlength=self.num_classes + 1)[: self.num_classes + 1]
+        out: dict[str, Any] = {
+            "label_png": encode_label_png(label), "height": height, "width": width,
+            "class_fractions": (counts / label.size).astype(np.float32),
+            "mean_confidence": float(probs.max(axis=0).mean()),
+        }
+        if self.evaluate and batch["gt_uri"][i]:
+            gt = decode_label_png(read_bytes(str(batch["gt_uri"][i])))
+            if gt.shape != label.shape:
+                raise ValueError(f"ground truth {gt.shape} does not match image {label.shape}")
+            cams_t = torch.from_numpy(batch["cams"][i].astype(np.float32))[None]
+            cams = with_background(cams_t, self.walk.alpha)[0].numpy()
+            variants = {"cam": scores_to_labels(cams, keys),
+                        "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), keys),
+                        "rw": scores_to_labels(walked, keys), "rw_crf": label}
+            k = self.num_classes + 1
+            for name, pred in variants.items():
+                out[f"cm_{name}"] = confusion_matrix(resize_label(pred, height, width), gt, k).ravel()
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        columns: dict[str, Any] = {"label_png": b"", "height": 0, "width": 0,
+                                   "class_fractions": np.zeros(self.num_classes + 1, np.float32),
+                                   "mean_confidence": 0.0}
+        if self.evaluate:
+            empty = np.zeros(0, np.int64)
+            columns.update({f"cm_{v}": empty for v in ("cam", "cam_crf", "rw", "rw_crf")})
+        out = per_row(batch, "crf", lambda i: self._row(batch, i), columns)
+        keep = ["image_id", "image", "tag_names", "stage", "error", "message", *columns]
+        return {k: out[k] for k in keep}

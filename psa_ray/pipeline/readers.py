@@ -1,0 +1,116 @@
+"""Ray Data readers: corpus rows -> decoded images, with bad rows kept (and flagged) rather than lost."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import ray
+
+from psa_ray.io.images import ImageDecodeError, decode_scaled, resize_label
+from psa_ray.io.palette import decode_label_png
+from psa_ray.io.storage import ObjectTooLargeError, is_transient, read_bytes, redact
+
+# Images whose long side is above MAX_SIDE are processed shrunk to it; labels come back full size.
+MAX_SIDE = 2048
+# Larger files are rejected unread (a video or an archive in the manifest must not OOM a worker).
+MAX_IMAGE_BYTES = 256 * 2**20
+# A decoded row that failed carries this placeholder image and a non-empty `error`.
+_PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+
+
+def corpus_dataset(rows: Iterable[dict[str, Any]], *, rows_per_block: int = 16) -> ray.data.Dataset:
+    """Rows (image_id, image URI, tags multi-hot, optional mask_uri) as a Dataset of many small blocks."""
+    rows = list(rows)
+    blocks = max(1, min(len(rows), -(-len(rows) // rows_per_block)))
+    return ray.data.from_items(rows, override_num_blocks=blocks)
+
+
+def _read_row(image_uri: str, mask_uri: str | None,
+              max_side: int | None) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+    """(rgb [h,w,3], mask [h,w] or None, full height, full width) of one row."""
+    image = decode_scaled(read_bytes(image_uri, max_bytes=MAX_IMAGE_BYTES), max_side=max_side)
+    rgb, mask = image.rgb, None
+    if mask_uri is not None:
+        mask = decode_label_png(read_bytes(mask_uri))
+        if mask.shape == (image.height, image.width):
+            mask = resize_label(mask, *rgb.shape[:2])
+        if mask.shape != rgb.shape[:2]:
+            raise ImageDecodeError(f"mask {mask.shape} matches neither the image "
+                                   f"{(image.height, image.width)} nor its processing size {rgb.shape[:2]}")
+    return rgb, mask, image.height, image.width
+
+
+def _row_error(error: Exception) -> tuple[str, str]:
+    """(code, message) of a row that could not be read or decoded."""
+    if isinstance(error, FileNotFoundError):
+        return "missing", f"not found: {error}"
+    if isinstance(error, ImageDecodeError):
+        return "decode", str(error)
+    if isinstance(error, ObjectTooLargeError):
+        return "too_large", str(error)
+    if is_transient(error):
+        return "unavailable", f"storage kept failing after retries ({type(error).__name__}: {error})"
+    return "read", f"{type(error).__name__}: {error}"
+
+
+def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = MAX_SIDE) -> dict[str, Any]:
+    """Read and decode each row's image (and `mask_uri`, if present) into `rgb` (and `mask`).
+
+    Images with a long side above max_side are shrunk (aspect kept, `images.processing_size`);
+    `orig_height`/`orig_width` hold the full upright size, to which labels are restored. A mask
+    may come at either size and is resized (nearest) to the processing size.
+
+    A row that cannot be read or decoded keeps a 1x1 placeholder (orig size 0 x 0), stage "read"
+    and an `error` code, so that it is accounted for downstream instead of failing the dataset:
+    `missing` (no such file/object), `unavailable` (storage failed transiently through every
+    retry: a later run may succeed), `read` (other storage errors, e.g. access denied),
+    `too_large` (a file over MAX_IMAGE_BYTES), `decode` (not a usable image; the message says why).
+    """
+    n = len(batch["image_id"])
+    rgbs: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    heights, widths = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    errors, messages = [""] * n, [""] * n  # error: a short code; message: for people
+    has_mask = "mask_uri" in batch
+    for i in range(n):
+        rgb, mask = _PLACEHOLDER, np.zeros((1, 1), np.uint8)
+        try:
+            rgb, row_mask, heights[i], widths[i] = _read_row(
+                str(batch["image"][i]), str(batch["mask_uri"][i]) if has_mask else None, max_side)
+            if row_mask is not None:
+                mask = row_mask
+        except Exception as e:  # noqa: BLE001 - a bad row must not fail the dataset
+            errors[i], message = _row_error(e)
+            messages[i] = redact(message)[:500]
+        rgbs.append(rgb)
+        masks.append(mask)
+    out = dict(batch)
+    out["rgb"] = _ragged(rgbs)
+    if has_mask:
+        out["mask"] = _ragged(masks)
+    out["orig_height"], out["orig_width"] = heights, widths
+    out["stage"] = np.array(["read" if e else "" for e in errors], dtype=object)
+    out["error"] = np.array(errors, dtype=object)
+    out["message"] = np.array(messages, dtype=object)
+    return out
+
+
+def decoded_dataset(rows: Iterable[dict[str, Any]], *, num_cpus: float = 1.0,
+                    max_side: int | None = MAX_SIDE) -> ray.data.Dataset:
+    """`corpus_dataset` followed by `decode_rows` in CPU tasks (S3 endpoint from AWS_ENDPOINT_URL)."""
+    return corpus_dataset(rows).map_batches(decode_rows, batch_size=8, num_cpus=num_cpus,
+                                            fn_kwargs={"max_side": max_side})
+
+
+def drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep the rows that decoded (training needs no error accounting: labeling does that)."""
+    keep = np.array([not e for e in batch["error"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """An object array of per-row arrays (Ray stores it as a variable-shaped tensor column)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out
