@@ -108,7 +108,7 @@ class Corpus:
         })
 
 
-class RowProblem(Exception):
+class _RowProblem(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
@@ -229,7 +229,7 @@ def _csv_records(text: str, uri: str) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- row validation
 
-def id_problem(image_id: Any) -> str | None:
+def _id_problem(image_id: Any) -> str | None:
     if not isinstance(image_id, str):
         return "image_id is missing" if image_id is None else f"image_id must be a string, got {image_id!r}"
     image_id = image_id.strip()  # the id used is the stripped one
@@ -248,27 +248,27 @@ def id_problem(image_id: Any) -> str | None:
     return None
 
 
-def resolve_image(image: Any, base: str) -> str:
+def _resolve_image(image: Any, base: str) -> str:
     """An absolute URI/path for a row's image field; base is the manifest's folder."""
     if image is None or (isinstance(image, str) and not image.strip()):
-        raise RowProblem("missing_image", "image is missing")
+        raise _RowProblem("missing_image", "image is missing")
     if not isinstance(image, str):
-        raise RowProblem("bad_image", f"image must be a string, got {image!r}")
+        raise _RowProblem("bad_image", f"image must be a string, got {image!r}")
     if _valid_utf8(image) != image:
-        raise RowProblem("bad_image", f"image {image!r} is not valid Unicode text")
+        raise _RowProblem("bad_image", f"image {image!r} is not valid Unicode text")
     image = image.strip()
     if image.startswith(S3_SCHEME):
         try:
             key = s3_bucket_and_key(image)[1]
         except ValueError as e:
-            raise RowProblem("bad_image", str(e)) from None
+            raise _RowProblem("bad_image", str(e)) from None
         if not key.strip("/"):
-            raise RowProblem("bad_image", f"no object key in {image!r}")
+            raise _RowProblem("bad_image", f"no object key in {image!r}")
         return image
     if image.startswith(FILE_SCHEME):
         return os.path.normpath(image[len(FILE_SCHEME):])
     if "://" in image:
-        raise RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
+        raise _RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
     if os.path.isabs(image):
         return os.path.normpath(image)
     if base.startswith(S3_SCHEME):
@@ -278,40 +278,45 @@ def resolve_image(image: Any, base: str) -> str:
 
 def _clean_tags(tags: Any, known: set[str]) -> list[str]:
     if tags is None:
-        raise RowProblem("no_tags", "tags are missing")
+        raise _RowProblem("no_tags", "tags are missing")
     if not isinstance(tags, list) or not all(t is None or isinstance(t, str) for t in tags):
-        raise RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
+        raise _RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
     names = list(dict.fromkeys(t.strip() for t in tags if t is not None and t.strip()))
     if not names:
-        raise RowProblem("no_tags", "no tags (every image needs at least one class)")
+        raise _RowProblem("no_tags", "no tags (every image needs at least one class)")
     unknown = [t for t in names if t not in known]
     if unknown:
-        raise RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
+        raise _RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
     return names
 
 
-def _validate(records: list[dict[str, Any]], class_names: list[str],
-              base: str) -> tuple[list[CorpusRow], list[RowError]]:
-    """Rows that pass every check, and one RowError for each record that does not."""
-    known = set(class_names)
+def validate_records(records: list[dict[str, Any]], class_names: list[str] | None,
+                     base: str) -> tuple[list[CorpusRow], list[RowError]]:
+    """Rows that pass every check, and one RowError for each record that does not.
+
+    records: dicts with image_id, image, tags and `where` (e.g. "row 3"); class_names None
+    means untagged images (e.g. for prediction): tags are not read and come out empty.
+    """
+    known = set(class_names or ())
     rows: list[CorpusRow] = []
     errors: list[RowError] = []
     seen: set[str] = set()
     for record in records:
         raw_id, raw_image = record["image_id"], record["image"]
         try:
-            problem = id_problem(raw_id)
+            problem = _id_problem(raw_id)
             if problem:
-                raise RowProblem("bad_id", problem)
+                raise _RowProblem("bad_id", problem)
             image_id = raw_id.strip()
             if image_id in seen:
-                raise RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
+                raise _RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
             seen.add(image_id)
             if "problem" in record:
                 raise record["problem"]
-            image = resolve_image(raw_image, base)
-            rows.append(CorpusRow(image_id, image, _clean_tags(record["tags"], known)))
-        except RowProblem as p:
+            image = _resolve_image(raw_image, base)
+            tags = [] if class_names is None else _clean_tags(record["tags"], known)
+            rows.append(CorpusRow(image_id, image, tags))
+        except _RowProblem as p:
             errors.append(RowError("" if raw_id is None else str(raw_id),
                                    "" if raw_image is None else str(raw_image),
                                    "manifest", p.code, f"{record['where']}: {p}"))
@@ -351,7 +356,7 @@ def _read_manifest(uri: str, classes: list[str] | str | None,
         else:
             records = _csv_records(text, uri)
     class_names = resolve_classes(classes, uri, endpoint_url)
-    rows, row_errors = _validate(records, class_names, parent(uri))
+    rows, row_errors = validate_records(records, class_names, parent(uri))
     return _finish(rows, errors + row_errors, class_names, uri)
 
 
@@ -372,17 +377,17 @@ def voc_ground_truth_uri(root: str, image_id: str, endpoint_url: str | None = No
     return uri if exists(uri, endpoint_url) else None
 
 
-def _voc_tags(root: str, image_id: str, endpoint_url: str | None) -> list[str] | RowProblem:
+def _voc_tags(root: str, image_id: str, endpoint_url: str | None) -> list[str] | _RowProblem:
     """Object names in Annotations/<image_id>.xml (difficult objects included), or the problem."""
     uri = join(root, "Annotations", f"{image_id}.xml")
     try:
         tree = ET.fromstring(read_bytes(uri, endpoint_url))
     except FileNotFoundError:
-        return RowProblem("missing_annotation", f"no annotation {uri}")
+        return _RowProblem("missing_annotation", f"no annotation {uri}")
     except ET.ParseError as e:
-        return RowProblem("bad_annotation", f"annotation {uri} is not valid XML: {e}")
+        return _RowProblem("bad_annotation", f"annotation {uri} is not valid XML: {e}")
     except OSError as e:
-        return RowProblem("bad_annotation", f"annotation {uri} is unreadable: {e}")
+        return _RowProblem("bad_annotation", f"annotation {uri} is unreadable: {e}")
     return [(obj.findtext("name") or "").strip() for obj in tree.findall("object")]
 
 
@@ -394,17 +399,17 @@ def _read_voc(root: str, split: str, classes: list[str] | str | None,
     ids_uri = join(root, "ImageSets", "Segmentation", f"{split}.txt") if split in VOC_SPLITS else split
     ids = [line.split()[0] for line in _read_text(ids_uri, "VOC split file", endpoint_url).splitlines()
            if line.strip()]
-    fetch = sorted({i for i in ids if id_problem(i) is None})
+    fetch = sorted({i for i in ids if _id_problem(i) is None})
     with ThreadPoolExecutor(max_workers=16) as pool:
         tags = dict(zip(fetch, pool.map(lambda i: _voc_tags(root, i, endpoint_url), fetch)))
     records = []
     for number, image_id in enumerate(ids, 1):
         record = {"image_id": image_id, "image": f"JPEGImages/{image_id}.jpg",
                   "tags": tags.get(image_id), "where": f"line {number} of {ids_uri}"}
-        if isinstance(record["tags"], RowProblem):
+        if isinstance(record["tags"], _RowProblem):
             record["problem"] = record.pop("tags")
         records.append(record)
-    rows, errors = _validate(records, VOC_CLASSES, root)
+    rows, errors = validate_records(records, VOC_CLASSES, root)
     return _finish(rows, errors, list(VOC_CLASSES), ids_uri)
 
 

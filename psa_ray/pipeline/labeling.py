@@ -79,7 +79,21 @@ def corpus_rows(corpus: Corpus, gt: str | None) -> list[dict[str, Any]]:
     return rows
 
 
+def with_masks(rows: list[dict[str, Any]], folder: str) -> list[dict[str, Any]]:
+    """The rows that have `<folder>/<image_id>.png` (seeds, labels or true masks), with `mask_uri`."""
+    have = set(list_files(folder, suffix=".png"))
+    return [{**r, "mask_uri": uri} for r in rows if (uri := join(folder, f"{r['image_id']}.png")) in have]
+
+
 def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    # Surviving a lost node (or an OOM-killed actor) relies on Ray Data's defaults, kept on
+    # purpose: pool actors get max_restarts=-1 and max_task_retries=-1 (a dead actor restarts on
+    # a live node and redoes its batches), tasks such as the writes get max_retries=-1 for system
+    # errors, and lost blocks are rebuilt from lineage. Redoing work is safe because the sinks
+    # name every file by image id. User errors are not retried (the actors turn them into error
+    # rows) and DataContext.max_errored_blocks stays 0, so no block is ever dropped. The defaults
+    # are not restated here: map_batches takes them only through **ray_remote_args, which Ray
+    # 2.60 deprecates (removal in 2.64). tests/test_faults.py kills a worker node in stage D.
     return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
 
@@ -221,10 +235,7 @@ def run(job: LabelJob) -> dict[str, Any]:
     affinity_w = job.affinity_checkpoint
     if affinity_w is None:
         timed("seeds", seed_stage, rows, preset, cam_w, job.output, has_gpu)
-        seeds = join(job.output, "seeds")
-        have = set(list_files(seeds, suffix=".png"))
-        seeded = [{**r, "mask_uri": join(seeds, f"{r['image_id']}.png")} for r in rows
-                  if join(seeds, f"{r['image_id']}.png") in have]
+        seeded = with_masks(rows, join(job.output, "seeds"))
         affinity_w = timed("train_affinity", train_stage, "affinity", seeded, preset, names, job.output,
                            {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
     counts = timed("labels", label_stage, rows, preset, cam_w, affinity_w, len(names), job.output,
@@ -235,10 +246,7 @@ def run(job: LabelJob) -> dict[str, Any]:
 
     deeplab_w = None
     if job.train_segmentation:
-        labels = join(job.output, "labels")
-        have = set(list_files(labels, suffix=".png"))
-        labeled = [{**r, "mask_uri": join(labels, f"{r['image_id']}.png")} for r in rows
-                   if join(labels, f"{r['image_id']}.png") in have]
+        labeled = with_masks(rows, join(job.output, "labels"))
         deeplab_w = timed("train_deeplab", train_stage, "deeplab", labeled, preset, names, job.output,
                           {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
 

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from psa_ray.config import PipelineConfig
-from psa_ray.io.manifest import (MANIFEST_FORMATS, ManifestError, RowError, id_problem, resolve_image,
-                                 RowProblem)
+from psa_ray.io.manifest import MANIFEST_FORMATS, ManifestError, RowError, validate_records
 from psa_ray.io.images import resize_label
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, list_files, parent, read_bytes, redact
@@ -122,22 +121,9 @@ def image_rows(input_uri: str) -> tuple[list[dict[str, Any]], list[RowError]]:
         raise ManifestError(f"no images in {input_uri} (a manifest ends in "
                             f"{', '.join('.' + f for f in MANIFEST_FORMATS)}; a folder holds "
                             f"{', '.join(IMAGE_SUFFIXES)} files)")
-    rows, errors, seen = [], [], set()
-    for number, record in enumerate(records, 1):
-        image_id, image = record["image_id"], record["image"]
-        try:
-            problem = id_problem(image_id)
-            if problem:
-                raise RowProblem("bad_id", problem)
-            image_id = image_id.strip()
-            if image_id in seen:
-                raise RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
-            seen.add(image_id)
-            rows.append({"image_id": image_id, "image": resolve_image(image, base)})
-        except RowProblem as p:
-            errors.append(RowError(str(image_id or ""), str(image or ""), "manifest", p.code,
-                                   f"row {number}: {p}"))
-    return rows, errors
+    rows, errors = validate_records([{**r, "where": f"row {n}"} for n, r in enumerate(records, 1)],
+                                    None, base)
+    return [{"image_id": r.image_id, "image": r.image} for r in rows], errors
 
 
 def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: PipelineConfig,

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from psa_ray.config import PRESETS
-from psa_ray.io.storage import join, list_files
+from psa_ray.io.storage import join
 
 MASK_FOLDER = {"affinity": "seeds", "deeplab": "labels"}
 TITLE = {"cam": "the CAM (classification) network on image tags",
@@ -52,7 +52,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
 
     from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus
     from psa_ray.io.manifest import read_corpus
-    from psa_ray.pipeline.labeling import corpus_rows, train_stage
+    from psa_ray.pipeline.labeling import corpus_rows, train_stage, with_masks
     from psa_ray.train.evaluate import classifier_map
 
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
@@ -77,10 +77,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
 
     init = None
     if kind in MASK_FOLDER:
-        masks = args.masks or join(args.output, MASK_FOLDER[kind])
-        have = set(list_files(masks, suffix=".png"))
-        train_rows = [{**r, "mask_uri": join(masks, f"{r['image_id']}.png")} for r in train_rows
-                      if join(masks, f"{r['image_id']}.png") in have]
+        train_rows = with_masks(train_rows, args.masks or join(args.output, MASK_FOLDER[kind]))
         init = {"uri": args.init, "backbone_only": True} if args.init else None
     weights, metrics = train_stage(kind, train_rows, preset, list(corpus.class_names), args.output,
                                    init, args.cpus_per_worker)
