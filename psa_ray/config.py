@@ -42,6 +42,7 @@ class WalkConfig:
     beta: float = 8.0       # W = A ** beta
     t: int = 256            # number of walk steps (the reference computes T^(2^logt), logt = 8)
     alpha: float = 16.0     # background power of the CAM before the walk
+    min_side: int = 0       # walk images upscaled to this short side at least (0: as they are)
     crf: CrfConfig = field(default_factory=CrfConfig)
 
 
@@ -133,6 +134,9 @@ PRESETS: dict[str, Preset] = {
         affinity_train=_demo_train(epochs=8, lr=0.05),
         deeplab_train=_demo_train(epochs=12, lr=0.02),
         cam=CamConfig(scales=(0.5, 1.0, 1.5)),
+        # the synthetic images are 96-160 px: walked at >= 320 px, the stride-8 grid has cells
+        # small enough to follow object edges (bench/quality.py: rw mIoU 63 -> 80 on 60 images)
+        walk=WalkConfig(min_side=320),
         pipeline=PipelineConfig(batch_size=4, gpu_actor_cpus=0.5, crf_actor_cpus=0.5,
                                 decode_cpus=0.5, gpu_pool=(1, 2), crf_pool=(1, 2)),
     ),

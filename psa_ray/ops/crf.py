@@ -26,7 +26,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, config: CrfConfig = CrfConfi
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
     crf.addPairwiseGaussian(sxy=config.gaussian_sxy, compat=config.gaussian_compat)
     crf.addPairwiseBilateral(sxy=config.bilateral_sxy, srgb=config.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image), compat=config.bilateral_compat)
+                             rgbim=np.require(image, requirements=["C", "W"]),  # it wants a writable buffer
+                             compat=config.bilateral_compat)
     marginals = crf.inference(config.iterations)
     return np.asarray(marginals, dtype=np.float32).reshape(classes, height, width)
 

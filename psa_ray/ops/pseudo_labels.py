@@ -56,15 +56,29 @@ def seed_label(rgb: np.ndarray, cams: np.ndarray, keys: np.ndarray, config: CamC
     return seed_labels(labels[0], labels[1])
 
 
+def walk_size(height: int, width: int, min_side: int) -> tuple[int, int]:
+    """The size an image is walked at: upscaled so that its short side is at least min_side.
+
+    At stride 8 a small image leaves few feature cells per object (a 128 px image: 16 x 16),
+    too coarse for the walk to follow its edges; photos of ~500 px need no upscaling.
+    """
+    scale = max(1.0, min_side / min(height, width))
+    return round(height * scale), round(width * scale)
+
+
 def walk_scores(affinity_net: nn.Module, image: torch.Tensor, cams: torch.Tensor,
                 config: WalkConfig) -> torch.Tensor:
     """Stage D on the feature grid: image [3,H,W], cams [n,H,W] -> walked scores [n+1,h,w].
 
-    Image and scores are zero-padded to a multiple of the stride, the scores (background
-    (1 - max)^alpha first) are average-pooled to the stride-8 grid of AffinityNet's features,
-    and `random_walk` spreads them with T = D^-1 A^beta for t steps.
+    Image and CAMs are resized to `walk_size` and zero-padded to a multiple of the stride, the
+    scores (background (1 - max)^alpha first) are average-pooled to the stride-8 grid of
+    AffinityNet's features, and `random_walk` spreads them with T = D^-1 A^beta for t steps.
     """
-    height, width = image.shape[-2:]
+    size = walk_size(*image.shape[-2:], config.min_side)
+    if size != tuple(image.shape[-2:]):
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        cams = F.interpolate(cams[None], size=size, mode="bilinear", align_corners=False)[0]
+    height, width = size
     pad = (0, -width % STRIDE, 0, -height % STRIDE)
     with torch.inference_mode():
         features = affinity_net(F.pad(image, pad)[None])
@@ -74,9 +88,13 @@ def walk_scores(affinity_net: nn.Module, image: torch.Tensor, cams: torch.Tensor
         return random_walk(affinities, scores.float(), config.beta, config.t)[0]
 
 
-def upsample_scores(scores: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
-    """Walked scores [n+1,h,w] on the stride-8 grid -> [n+1,H,W] at the image size."""
+def upsample_scores(scores: torch.Tensor | np.ndarray, height: int, width: int,
+                    config: WalkConfig) -> np.ndarray:
+    """Walked scores [n+1,h,w] on the stride-8 grid of `walk_scores` -> [n+1,H,W] at the image size."""
     scores = torch.as_tensor(np.asarray(scores, np.float32))[None]
-    size = (scores.shape[-2] * STRIDE, scores.shape[-1] * STRIDE)
-    full = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
-    return full[0, :, :height, :width].numpy()
+    walked = walk_size(height, width, config.min_side)
+    full = F.interpolate(scores, size=(scores.shape[-2] * STRIDE, scores.shape[-1] * STRIDE),
+                         mode="bilinear", align_corners=False)[..., : walked[0], : walked[1]]
+    if walked != (height, width):
+        full = F.interpolate(full, size=(height, width), mode="bilinear", align_corners=False)
+    return full[0].numpy()

@@ -111,7 +111,7 @@ class RefineActor:
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         rgb, keys = batch["rgb"][i], batch["keys"][i]
-        walked = upsample_scores(batch["walked"][i], *rgb.shape[:2])
+        walked = upsample_scores(batch["walked"][i], *rgb.shape[:2], self.walk)
         probs = crf_scores(rgb, walked, self.walk.crf)
         # An image shrunk for processing (readers.MAX_SIDE) gets its label at its full size.
         height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])

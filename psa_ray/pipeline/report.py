@@ -46,7 +46,7 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
         cam_scores = with_background(cams[None], preset.walk.alpha)[0].cpu().numpy()
         walked = walk_scores(affinity_net, image, cams, preset.walk).cpu().numpy()
     cam_label = scores_to_labels(cam_scores, keys)
-    walk_label = scores_to_labels(upsample_scores(walked, height, width), keys)
+    walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), keys)
     labels = [cam_label, walk_label, final] + ([gt] if gt is not None else [])
     panels = [rgb, overlay(rgb, cam_label), overlay(rgb, walk_label), colorize(final)]
     titles = [f"image: {', '.join(tag_names(tags, class_names))}", f"CAM (alpha {preset.walk.alpha:g})",
