@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -138,6 +139,7 @@ class RayNode:
 
     address: str
     temp_dir: str
+    job_server: str | None = None  # a head's dashboard URL, where `ray job submit` goes
 
     def processes(self) -> dict[int, str]:
         return node_processes(self.temp_dir)
@@ -170,37 +172,55 @@ class LocalRayCluster:
         self.nodes: list[RayNode] = []
 
     def start(self, num_cpus: int, head: RayNode | None = None,
-              system_config: dict[str, Any] | None = None) -> RayNode:
-        """A head (head=None; system_config overrides Ray's internal settings) or a worker node
-        joining head's cluster, on 127.0.0.1 with a small object store."""
+              system_config: dict[str, Any] | None = None, job_server: bool = False) -> RayNode:
+        """A head (head=None; system_config overrides Ray's internal settings; job_server: with
+        the dashboard and its job server on a free port, answering when this returns) or a worker
+        node joining head's cluster, on 127.0.0.1 with a small object store."""
         # Short: Ray's socket paths under the temp dir must stay below 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="psa_raynode_", dir="/tmp")
-        gcs, agent, agent_grpc, metrics, runtime_env, client = free_ports(6)
+        gcs, agent, agent_grpc, metrics, runtime_env, client, dashboard = free_ports(7)
         cmd = [RAY_CLI, "start", f"--num-cpus={num_cpus}", "--num-gpus=0", "--temp-dir", temp_dir,
                "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--object-store-memory={256 * 2**20}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                "--min-worker-port=0", "--max-worker-port=0"]
+        assert head is None or not job_server, "only a head runs the job server"
+        node = RayNode(f"127.0.0.1:{gcs}" if head is None else head.address, temp_dir,
+                       f"http://127.0.0.1:{dashboard}" if job_server else None)
         if head is None:
-            address = f"127.0.0.1:{gcs}"
-            cmd += ["--head", f"--port={gcs}", "--include-dashboard=false",
-                    f"--ray-client-server-port={client}"]
+            cmd += ["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+                    f"--include-dashboard={'true' if job_server else 'false'}"]
+            if job_server:
+                cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
             if system_config:
                 cmd += ["--system-config", json.dumps(system_config)]
         else:
-            address = head.address
-            cmd += ["--address", address]
-        node = RayNode(address, temp_dir)
+            cmd += ["--address", head.address]
         self.nodes.append(node)
         started = subprocess.run(cmd, env={**self.env, NODE_MARKER: temp_dir}, cwd=temp_dir,
                                  capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
+        if node.job_server:
+            _wait_for_job_server(node.job_server)
         return node
 
     def shutdown(self) -> None:
         for node in reversed(self.nodes):
             node.kill()
             shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_server(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the job server at {url} did not answer within {timeout_s} s"
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -213,3 +233,27 @@ def local_ray_cluster(tmp_path) -> Iterator[LocalRayCluster]:
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(ray_cluster, tmp_path_factory) -> dict[str, str]:
+    """{"cam": URI, "affinity": URI}: the weights of one quick job (1 epoch, 1 Ray Train worker)
+    on a synthetic corpus (classes CLASS_NAMES), so that the jobs under test skip training.
+
+    The corpus also has a truncated and a missing image: training drops them and the job labels
+    the rest (the one run that trains on bad rows, for tests/test_bad_inputs.py)."""
+    from psa_ray.data.synthetic import SyntheticConfig, write_corpus
+    from psa_ray.io.manifest import CorpusRow, read_corpus, write_manifest
+    from psa_ray.pipeline.labeling import LabelJob, run
+
+    corpus = tmp_path_factory.mktemp("trained") / "corpus"
+    rows = read_corpus(write_corpus(str(corpus), SyntheticConfig(num_images=6, seed=1)))[0].rows
+    png = (corpus / "images" / "syn_000000.png").read_bytes()
+    (corpus / "images" / "truncated.png").write_bytes(png[: len(png) // 3])
+    rows += [CorpusRow("truncated", "images/truncated.png", rows[0].tags),
+             CorpusRow("missing", "images/missing.png", rows[0].tags)]
+    write_manifest(rows, str(corpus / "with_bad_rows.jsonl"))
+    summary = run(LabelJob(output=str(corpus.parent / "out"), input=str(corpus / "with_bad_rows.jsonl"),
+                           preset="demo", epochs=1, train_workers=1))
+    assert summary["counts"]["labeled"] == 6 and summary["counts"]["errors"] == 2
+    return {kind: summary["checkpoints"][kind] for kind in ("cam", "affinity")}

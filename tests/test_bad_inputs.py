@@ -325,7 +325,8 @@ def test_manifest_problems_stop_the_job_before_any_work(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_label_job_accounts_for_every_bad_row_and_restores_large_labels(ray_cluster, tmp_path):
+def test_label_job_accounts_for_every_bad_row_and_restores_large_labels(ray_cluster, trained_checkpoints,
+                                                                       tmp_path):
     corpus, config = tmp_path / "corpus", SyntheticConfig(num_images=10, seed=3)
     rows = read_corpus(write_corpus(str(corpus), config))[0].rows
     extra, gt = corpus / "extra", corpus / "gt"
@@ -353,7 +354,10 @@ def test_label_job_accounts_for_every_bad_row_and_restores_large_labels(ray_clus
     write_manifest(rows, manifest)
     output = str(tmp_path / "out")
 
-    summary = run(LabelJob(output=output, input=manifest, gt=str(gt), preset="demo", epochs=1, train_workers=1))
+    # Trained networks given (training over bad rows: the trained_checkpoints run).
+    summary = run(LabelJob(output=output, input=manifest, gt=str(gt), preset="demo",
+                           cam_checkpoint=trained_checkpoints["cam"],
+                           affinity_checkpoint=trained_checkpoints["affinity"]))
 
     shards = read_tables(join(output, "shards")).to_pylist()
     errors = read_tables(join(output, "errors")).to_pylist()

@@ -138,7 +138,7 @@ def seed_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, out
             **_gpu_args(preset, has_gpu))
         ds = ds.map_batches(SeedActor, fn_constructor_kwargs={"cam": preset.cam},
                             batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
-        ds.write_datasink(PngSink(folder))
+        ds.write_datasink(PngSink(folder), ray_remote_args={"num_cpus": p.write_cpus})
     return len(have) + len(todo)
 
 
@@ -157,7 +157,7 @@ def label_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, af
         ds = ds.map_batches(RefineActor, fn_constructor_kwargs=dict(
             walk=preset.walk, num_classes=num_classes, evaluate=evaluate),
             batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
-        ds.write_datasink(LabelSink(output, run_id, evaluate))
+        ds.write_datasink(LabelSink(output, run_id, evaluate), ray_remote_args={"num_cpus": p.write_cpus})
     return {"skipped": len(done & {r["image_id"] for r in rows}), "processed": len(todo)}
 
 

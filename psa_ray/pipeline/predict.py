@@ -145,7 +145,8 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
                                                                max_size=pipeline.gpu_pool[1]),
                             num_gpus=pipeline.gpu_actor_gpus if has_gpu else 0,
                             num_cpus=pipeline.gpu_actor_cpus)
-        ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False))
+        ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False),
+                          ray_remote_args={"num_cpus": pipeline.write_cpus})
     ids = {r["image_id"] for r in rows}
     shards = read_tables(join(output, "shards"), columns=["image_id"])
     errors = read_tables(join(output, "errors"), columns=["image_id", "stage"])
