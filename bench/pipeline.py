@@ -1,0 +1,331 @@
+"""Benchmark: images/s of stage D (CAM -> AffinityNet -> walk -> CRF -> label PNG), Ray vs a plain loop.
+
+On N synthetic images (`psa_ray.data.synthetic.write_corpus` into a temp folder) with untrained
+networks exported the way `psa_ray.train.loop.fit` exports them (state dict + meta.json; speed
+does not depend on the weights), under the demo preset with `--backbone`. Every run starts cold
+in a fresh subprocess:
+
+- sequential: the library functions of the pipeline's actors called one image after the other
+  (`load_trained` for the networks, then per image read, decode, `tagged_cams`, `walk_scores`,
+  `upsample_scores`, `crf_scores` + `scores_to_labels`, `encode_label_png`, `write_bytes`),
+  timed per stage; with torch's default threads (the baseline) and, for reference, 1 thread;
+- ray: `psa_ray.pipeline.labeling.label_stage` (Ray Data: decode -> CAM + walk actor pool ->
+  CRF actor pool -> label sink, which also writes the parquet shards) after
+  `ray.init(num_cpus=k)`; the time is the `label_stage` call (actor start-up and network loading
+  included, `ray.init` reported apart). Ray Data's per-operator stats go into the JSON.
+
+    python bench/pipeline.py                         # 128 images, tiny, Ray with 1 and 2 CPUs
+    python bench/pipeline.py --images 300 --cpus 2   # the demo corpus's size
+    python bench/pipeline.py --backbone resnet38d    # on a GPU machine
+    python bench/pipeline.py --quick                 # 4 images, Ray with 2 CPUs: a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
+
+import torch  # noqa: E402
+
+from bench.machine import describe_machine  # noqa: E402
+from psa_ray.config import PRESETS, Preset, to_dict  # noqa: E402
+from psa_ray.data.synthetic import SyntheticConfig, write_corpus  # noqa: E402
+from psa_ray.io.images import decode_image  # noqa: E402
+from psa_ray.io.manifest import read_corpus  # noqa: E402
+from psa_ray.io.palette import encode_label_png  # noqa: E402
+from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
+from psa_ray.ops.pseudo_labels import (  # noqa: E402
+    crf_scores, scores_to_labels, tagged_cams, upsample_scores, walk_scores)
+from psa_ray.pipeline.labeling import corpus_rows  # noqa: E402
+from psa_ray.pipeline.writers import read_tables  # noqa: E402
+from psa_ray.train.augment import to_tensor  # noqa: E402
+from psa_ray.train.evaluate import load_trained  # noqa: E402
+from psa_ray.train.tasks import get_task  # noqa: E402
+
+DEFAULT_IMAGES, QUICK_IMAGES = 128, 4
+DEFAULT_CPUS, QUICK_CPUS = (1, 2), (2,)
+RUN_TIMEOUT_S = 1800
+DEFAULT_OUTPUT = Path(__file__).parent / "results" / "pipeline.json"
+
+
+def bench_preset(backbone: str) -> Preset:
+    """The demo preset with both networks on `backbone`."""
+    demo = PRESETS["demo"]
+    return replace(demo, cam_train=replace(demo.cam_train, backbone=backbone),
+                   affinity_train=replace(demo.affinity_train, backbone=backbone))
+
+
+def export_untrained(kind: str, preset: Preset, class_names: list[str], folder: str) -> str:
+    """An untrained network as `fit` exports one: `<folder>/checkpoints/<kind>/{model.pt,meta.json}`."""
+    config = preset.cam_train if kind == "cam" else preset.affinity_train
+    torch.manual_seed(0)
+    model = get_task(kind, preset.walk.radius).build(config.backbone, len(class_names))
+    weights = join(folder, "checkpoints", kind, "model.pt")
+    os.makedirs(os.path.dirname(weights), exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    meta = {"kind": kind, "backbone": config.backbone, "num_classes": len(class_names),
+            "class_names": class_names, "radius": preset.walk.radius, "train": to_dict(config)}
+    write_bytes(join(folder, "checkpoints", kind, "meta.json"), json.dumps(meta).encode())
+    return weights
+
+
+def prepare(folder: str, images: int, backbone: str) -> dict[str, Any]:
+    """Corpus and network weights under folder; returns the spec both runs work from."""
+    manifest = write_corpus(join(folder, "corpus"), SyntheticConfig(num_images=images, seed=0))
+    corpus, _ = read_corpus(manifest)
+    preset = bench_preset(backbone)
+    return {"manifest": manifest, "backbone": backbone, "class_names": list(corpus.class_names),
+            "cam_weights": export_untrained("cam", preset, list(corpus.class_names), folder),
+            "affinity_weights": export_untrained("affinity", preset, list(corpus.class_names), folder)}
+
+
+def load_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    corpus, errors = read_corpus(spec["manifest"])
+    if errors:
+        raise RuntimeError(f"the synthetic manifest has rejected rows: {errors}")
+    return corpus_rows(corpus, None)
+
+
+class StageClock:
+    """Seconds spent in each named stage, summed over images (CUDA work is waited for)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds[stage] += time.perf_counter() - start
+
+
+def count_labels(output: str) -> int:
+    return len(list_files(join(output, "labels"), suffix=".png"))
+
+
+def sequential_run(spec: dict[str, Any], output: str) -> dict[str, Any]:
+    """Stage D for every row, one after the other in this process, with per-stage times."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset, rows = bench_preset(spec["backbone"]), load_rows(spec)
+    clock = StageClock(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with clock("load_networks"):
+        cam_net = load_trained(spec["cam_weights"]).to(device)
+        affinity_net = load_trained(spec["affinity_weights"]).to(device)
+    for row in rows:
+        with clock("read"):
+            data = read_bytes(row["image"])
+        with clock("decode"):
+            rgb = decode_image(data)
+        with clock("cam"):
+            image = to_tensor(rgb).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                keys, cams = tagged_cams(cam_net, image, row["tags"], preset.cam)
+        with clock("walk"):
+            walked = walk_scores(affinity_net, image, cams.float(), preset.walk).cpu().numpy()
+        with clock("upsample"):
+            scores = upsample_scores(walked, *rgb.shape[:2], preset.walk)
+        with clock("crf"):
+            label = scores_to_labels(crf_scores(rgb, scores, preset.walk.crf), keys)
+        with clock("encode_png"):
+            png = encode_label_png(label)
+        with clock("write"):
+            write_bytes(join(output, "labels", f"{row['image_id']}.png"), png)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    labeled = count_labels(output)
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": len(rows), "labeled": labeled,
+            "images_per_s": labeled / seconds,
+            "stage_seconds": dict(clock.seconds),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+
+
+@contextmanager
+def keeping_ray_data_stats(lines: list[str]) -> Iterator[None]:
+    """Collect `Dataset.stats()` (every operator) of each dataset written with `write_datasink`.
+
+    `label_stage` builds and writes its dataset inside, so the stats are taken at the write.
+    """
+    from ray.data import Dataset
+
+    write = Dataset.write_datasink
+
+    def write_and_keep_stats(self: Dataset, *args: Any, **kwargs: Any) -> Any:
+        result = write(self, *args, **kwargs)
+        lines.extend(self.stats().splitlines())
+        return result
+
+    Dataset.write_datasink = write_and_keep_stats
+    try:
+        yield
+    finally:
+        Dataset.write_datasink = write
+
+
+def ray_run(spec: dict[str, Any], cpus: int, output: str) -> dict[str, Any]:
+    """`label_stage` on a fresh local Ray with `cpus` CPUs, with Ray Data's stats."""
+    import ray
+    from ray.data import DataContext
+
+    from psa_ray.pipeline.labeling import label_stage
+
+    started = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_seconds = time.perf_counter() - started
+    DataContext.get_current().execution_options.verbose_progress = False
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    rows, stats = load_rows(spec), []
+    with keeping_ray_data_stats(stats):
+        start = time.perf_counter()
+        counts = label_stage(rows, bench_preset(spec["backbone"]), spec["cam_weights"],
+                             spec["affinity_weights"], len(spec["class_names"]), output, run_id="bench",
+                             has_gpu=has_gpu)
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    labeled = count_labels(output)
+    errors = read_tables(join(output, "errors"))
+    return {"cpus": cpus, "seconds": seconds, "ray_init_seconds": init_seconds, "images": len(rows),
+            "labeled": labeled, "images_per_s": labeled / seconds, "counts": counts, "has_gpu": has_gpu,
+            "error_rows": 0 if errors is None else errors.num_rows,
+            "first_errors": [] if errors is None else errors.slice(0, 3).to_pylist(),
+            "ray_data_stats": stats}
+
+
+def run_in_subprocess(spec_path: str, kind: str, count: int, output: str) -> dict[str, Any]:
+    """One run in a fresh interpreter: kind "sequential" (count = torch threads, 0 = torch's
+    default) or "ray" (count = CPUs given to ray.init)."""
+    command = [sys.executable, __file__, "--worker", spec_path, kind, str(count), output]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, never a running one
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env, check=True)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no result after {RUN_TIMEOUT_S} s (hung?)"}
+    except subprocess.CalledProcessError as e:
+        return {"failed": f"exit {e.returncode}", "stderr_tail": e.stderr[-3000:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def worker(spec_path: str, kind: str, count: int, output: str) -> dict[str, Any]:
+    spec = json.loads(read_bytes(spec_path))
+    if kind == "ray":
+        return ray_run(spec, count, output)
+    if count:
+        torch.set_num_threads(count)
+    return sequential_run(spec, output)
+
+
+def contention_warnings(sequential: list[dict[str, Any]]) -> list[str]:
+    """A note when torch's default threads ran far slower than 1 thread (other load on the cores)."""
+    rates = [run.get("images_per_s") for run in sequential]
+    if len(rates) == 2 and all(rates) and rates[1] > 1.5 * rates[0]:
+        return [f"the sequential loop ran {rates[1] / rates[0]:.1f}x slower with torch's default threads "
+                f"than with 1 thread: its OpenMP threads were fighting other load for the cores, so "
+                f"ray_over_sequential flatters Ray; rerun on an idle machine"]
+    return []
+
+
+def run_benchmark(images: int, backbone: str, cpus: tuple[int, ...],
+                  sequential_threads: tuple[int, ...]) -> dict[str, Any]:
+    """Sequential runs (torch's default threads first), then Ray runs, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as folder:
+        spec_path = join(folder, "spec.json")
+        write_bytes(spec_path, json.dumps(prepare(folder, images, backbone)).encode())
+        sequential = []
+        for threads in sequential_threads:
+            result = run_in_subprocess(spec_path, "sequential", threads, join(folder, f"sequential_{threads}"))
+            print(f"sequential, {threads or 'default'} threads: {result.get('images_per_s', result.get('failed'))}",
+                  flush=True)
+            sequential.append(result)
+        ray_runs = []
+        for k in cpus:
+            result = {"cpus": k, **run_in_subprocess(spec_path, "ray", k, join(folder, f"ray_{k}cpu"))}
+            for name, baseline in zip(("ray_over_sequential", "ray_over_sequential_1_thread"), sequential):
+                if "images_per_s" in result and baseline.get("images_per_s"):
+                    result[name] = result["images_per_s"] / baseline["images_per_s"]
+            print(f"ray, {k} CPU: {result.get('images_per_s', result.get('failed'))}", flush=True)
+            ray_runs.append(result)
+    return {
+        "description": __doc__.split("\n\n")[0],
+        "warnings": contention_warnings(sequential),
+        "setup": {"images": images, "backbone": backbone, "preset": "demo",
+                  "synthetic": to_dict(SyntheticConfig(num_images=images, seed=0)),
+                  "pipeline": to_dict(PRESETS["demo"].pipeline), "cam": to_dict(PRESETS["demo"].cam),
+                  "walk": to_dict(PRESETS["demo"].walk)},
+        "images_per_s": "labeled images / seconds of the whole run (sequential: loading the networks "
+                        "and the loop; ray: the label_stage call, without ray.init); each run in a "
+                        "fresh process",
+        "ratios": "ray_over_sequential: vs the sequential loop with torch's default threads (the "
+                  "baseline of the issue); ray_over_sequential_1_thread: vs the loop with one thread",
+        "machine": describe_machine(),
+        "sequential": sequential,
+        "ray": ray_runs,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The runs side by side, then the sequential loop's time per stage."""
+    lines = ["| run | seconds | images/s | ray / sequential | ray / sequential 1 thread | load after |",
+             "|---|---|---|---|---|---|"]
+    for run in result["sequential"] + result["ray"]:
+        name = f"ray, {run['cpus']} CPU" if "cpus" in run else f"sequential, {run.get('torch_threads', '?')} threads"
+        if "images_per_s" not in run:
+            lines.append(f"| {name} | failed: {run['failed']} | - | - | - | - |")
+            continue
+        ratios = [f"{run[k]:.2f}x" if k in run else "-"
+                  for k in ("ray_over_sequential", "ray_over_sequential_1_thread")]
+        lines.append(f"| {name} | {run['seconds']:.1f} | {run['images_per_s']:.2f} | {ratios[0]} | {ratios[1]} "
+                     f"| {run['load_average_1min_after']} |")
+    for run in result["sequential"]:
+        if "stage_seconds" in run:
+            lines += ["", f"| sequential stage ({run['torch_threads']} threads) | seconds | ms/image | share |",
+                      "|---|---|---|---|"]
+            lines += [f"| {stage} | {seconds:.2f} | {1000 * seconds / run['images']:.1f} "
+                      f"| {100 * seconds / run['seconds']:.0f}% |" for stage, seconds in run["stage_seconds"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, help=f"synthetic images (default {DEFAULT_IMAGES}, quick {QUICK_IMAGES})")
+    parser.add_argument("--backbone", default="tiny", help="tiny (CPU), resnet38d (GPU machines), resnet50")
+    parser.add_argument("--cpus", type=int, nargs="+", help=f"Ray CPU counts (default {DEFAULT_CPUS})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_IMAGES} images, Ray with {QUICK_CPUS} CPUs, no 1-thread sequential run")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the JSON goes")
+    parser.add_argument("--worker", nargs=4, metavar=("SPEC", "KIND", "COUNT", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:  # one run, in the subprocess that run_in_subprocess started
+        spec_path, kind, count, output = args.worker
+        print(json.dumps(worker(spec_path, kind, int(count), output)))
+        return
+    images = args.images or (QUICK_IMAGES if args.quick else DEFAULT_IMAGES)
+    cpus = tuple(args.cpus or (QUICK_CPUS if args.quick else DEFAULT_CPUS))
+    threads = (0,) if args.quick or torch.get_num_threads() == 1 else (0, 1)
+    result = run_benchmark(images, args.backbone, cpus, threads)
+    result["quick"] = args.quick
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    for warning in result["warnings"]:
+        print(f"WARNING: {warning}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
