@@ -1,7 +1,6 @@
 """Ray Train: the three networks on 2 gloo workers, checkpoints in S3 (moto), resume after a kill."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -109,7 +108,10 @@ def test_killed_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
-    while not glob.glob(os.path.join(out, "checkpoints", "cam", "checkpoint_*", "model.pt")):
+    # A checkpoint counts once Ray Train has recorded it in its checkpoint manager's snapshot
+    # (what a restarted run restores from), not when its files appear.
+    snapshot = os.path.join(out, "checkpoints", "cam", "checkpoint_manager_snapshot.json")
+    while not (os.path.exists(snapshot) and "checkpoint_" in open(snapshot).read()):
         assert proc.poll() is None, "training ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.2)
