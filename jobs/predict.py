@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
+    from psa_ray.pipeline.labeling import cluster_shape
     from psa_ray.pipeline.predict import image_rows, predict
 
     try:
@@ -61,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
     ray.init(runtime_env={"env_vars": env} if env else None)
-    resources = ray.cluster_resources()
-    has_gpu = args.use_gpu if args.use_gpu is not None else resources.get("GPU", 0) > 0
-    preset = args.preset or ("demo" if resources.get("CPU", 1) < 4 and not has_gpu else "paper")
+    has_gpu, small = cluster_shape(args.use_gpu)
+    preset = args.preset or ("demo" if small else "paper")
     started = time.perf_counter()
     counts = predict(rows, args.checkpoint, args.output, PRESETS[preset].pipeline, has_gpu, row_errors)
     summary = {"checkpoint": args.checkpoint, "input": args.input, "output": args.output,

@@ -222,6 +222,11 @@ def delete(uri: str, endpoint_url: str | None = None) -> None:
     with_retries(lambda: fs.delete_file(path))
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in other folders); URIs and None unchanged."""
+    return uri if uri is None or "://" in uri else os.path.abspath(uri)
+
+
 def parent(uri: str) -> str:
     """The folder/prefix holding uri (`s3://b/a/x.csv` -> `s3://b/a`)."""
     if uri.startswith(S3_SCHEME):

@@ -20,7 +20,7 @@ import torch
 from psa_ray.config import PRESETS, Preset, to_dict
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus
 from psa_ray.io.manifest import Corpus, read_corpus
-from psa_ray.io.storage import exists, join, list_files, redact, write_bytes
+from psa_ray.io.storage import absolute, exists, join, list_files, redact, write_bytes
 from psa_ray.ops.metrics import iou_per_class
 from psa_ray.pipeline.actors import CamActor, RefineActor, SeedActor
 from psa_ray.pipeline.report import write_report
@@ -65,6 +65,14 @@ def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
                    cam_train=replace(preset.cam_train, backbone_weights=job.backbone_weights, **overrides),
                    affinity_train=replace(preset.affinity_train, **overrides),
                    deeplab_train=replace(preset.deeplab_train, **overrides))
+
+
+def cluster_shape(use_gpu: bool | None) -> tuple[bool, bool]:
+    """(use GPUs, small CPU-only cluster) for a run. use_gpu None: GPUs if the cluster has some
+    now; an autoscaling cluster may have no GPU node yet, so --use-gpu asks for them regardless."""
+    resources = ray.cluster_resources()
+    has_gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
+    return has_gpu, resources.get("CPU", 1) < 4 and not has_gpu
 
 
 def corpus_rows(corpus: Corpus, gt: str | None) -> list[dict[str, Any]]:
@@ -201,11 +209,10 @@ def run(job: LabelJob) -> dict[str, Any]:
     """Run stages A-E (skipping what the output already holds); returns the run summary."""
     started, timings = time.perf_counter(), {}
     run_id = uuid.uuid4().hex[:12]
-    resources = ray.cluster_resources()
-    # An autoscaling cluster may have no GPU node yet: --use-gpu asks for them regardless.
-    has_gpu = job.use_gpu if job.use_gpu is not None else resources.get("GPU", 0) > 0
+    job = replace(job, **{k: absolute(getattr(job, k)) for k in (
+        "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
+    has_gpu, small = cluster_shape(job.use_gpu)
     preset = resolve_preset(job, use_gpu=has_gpu)
-    small = resources.get("CPU", 1) < 4 and not has_gpu
     cpus_per_worker = 0.5 if small else 1.0
 
     input_uri, gt = job.input, job.gt

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from psa_ray.config import PRESETS
-from psa_ray.io.storage import join
+from psa_ray.io.storage import absolute, join
 
 MASK_FOLDER = {"affinity": "seeds", "deeplab": "labels"}
 TITLE = {"cam": "the CAM (classification) network on image tags",
@@ -39,6 +39,8 @@ def parse_args(kind: str, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic-images", type=int, default=300)
     p.add_argument("--endpoint-url", help="S3 endpoint override; default: AWS_ENDPOINT_URL")
     args = p.parse_args(argv)
+    for name in ("input", "output", "masks", "init", "backbone_weights"):  # workers run elsewhere
+        setattr(args, name, absolute(getattr(args, name, None)))
     if args.preset is None:
         args.preset = "demo" if args.input is None else "paper"
     return args
