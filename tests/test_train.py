@@ -66,6 +66,26 @@ def _rows(root, corpus, with_masks: bool):
     return rows
 
 
+def _corpus_loss(task, model, root, corpus, size: int = 96) -> float:
+    """The task's loss over the whole corpus, images resized to size x size, targets the true masks."""
+    from psa_ray.io.images import decode_image, resize_label
+    from psa_ray.io.palette import decode_label_png
+    from psa_ray.io.storage import read_bytes
+    from psa_ray.train.augment import to_tensor
+
+    images, masks = [], []
+    for row in corpus.rows:
+        rgb = decode_image(read_bytes(row.image))
+        images.append(torch.nn.functional.interpolate(to_tensor(rgb)[None], size=(size, size),
+                                                      mode="bilinear", align_corners=False)[0])
+        mask = decode_label_png(read_bytes(join(root, "gt", f"{row.image_id}.png")))
+        masks.append(torch.from_numpy(resize_label(mask, size, size)).long())
+    tags = torch.from_numpy(np.stack([corpus.tag_vector(row) for row in corpus.rows]))
+    with torch.inference_mode():
+        loss, _ = task.loss(model.eval(), torch.stack(images), {"tags": tags, "mask": torch.stack(masks)})
+    return float(loss)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cam", "affinity", "deeplab"])
 def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_module):
@@ -73,28 +93,32 @@ def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_modu
 
     root, corpus = s3_corpus
     output = join(s3_bucket_module, f"run-{kind}")
-    config = TrainConfig(backbone="tiny", crop_size=96, resize_long=(96, 128), batch_size=8,
-                         epochs=4, lr=0.05, num_workers=2, mixed_precision=False)
+    # The demo preset's settings for this network, on a smaller crop and for fewer epochs.
+    config = replace(getattr(PRESETS["demo"], f"{kind}_train"), crop_size=96, resize_long=(96, 128),
+                     batch_size=8, epochs=4, num_workers=2)
     preset = replace(PRESETS["demo"], **{f"{kind}_train": config})
     weights, metrics = train_stage(kind, _rows(root, corpus, kind != "cam"), preset,
                                    list(corpus.class_names), output, None, cpus_per_worker=0.5)
 
     assert weights == join(output, "checkpoints", kind, "model.pt")
-    assert metrics["epoch"] == 4 and metrics["loss"] < metrics["first_loss"]
+    assert metrics["epoch"] == config.epochs
+    # Trained on the corpus, the network fits it better than the one it started from (worker 0's
+    # seeded initialisation): its loss on every image, without augmentation, is lower.
+    task = get_task(kind)
+    torch.manual_seed(config.seed)
+    initial = task.build(config.backbone, len(corpus.class_names)).eval()
+    exported = load_trained(weights)
+    assert _corpus_loss(task, exported, root, corpus) < _corpus_loss(task, initial, root, corpus)
     # The exported weights and Ray Train's own last checkpoint, both in the bucket, load into
-    # fresh networks that agree with each other and differ from an untrained one.
+    # networks that agree with each other.
     ray_ckpts = [u for u in list_files(join(output, "checkpoints", kind), suffix="model.pt")
                  if "/checkpoint_" in u]
     assert ray_ckpts, "Ray Train wrote no checkpoint to S3"
-    exported = load_trained(weights)
     from_ray = load_trained(weights)
     load_weights(from_ray, sorted(ray_ckpts)[-1])
-    untrained = get_task(kind).build("tiny", len(corpus.class_names)).eval()
     x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        out = exported(x)
-        assert torch.allclose(out, from_ray(x))
-        assert not torch.allclose(out, untrained(x))
+        assert torch.allclose(exported(x), from_ray(x))
 
 
 @pytest.mark.slow
