@@ -9,13 +9,18 @@ in a fresh subprocess:
   (`load_trained` for the networks, then per image read, decode, `tagged_cams`, `walk_scores`,
   `upsample_scores`, `crf_scores` + `scores_to_labels`, `encode_label_png`, `write_bytes`),
   timed per stage; with torch's default threads (the baseline) and, for reference, 1 thread;
-- ray: `psa_ray.pipeline.labeling.label_stage` (Ray Data: decode -> CAM + walk actor pool ->
-  CRF actor pool -> label sink, which also writes the parquet shards) after
-  `ray.init(num_cpus=k)`; the time is the `label_stage` call (actor start-up and network loading
-  included, `ray.init` reported apart). Ray Data's per-operator stats go into the JSON.
+- parallel loops (the bound): one such loop per core, 1 thread each, over its slice of the rows,
+  side by side: what any pipeline could reach here without overheads;
+- ray: `psa_ray.pipeline.labeling.label_stage` after `ray.init(num_cpus=k)`, in the layout this
+  cluster gets (CPU-only: decode -> chained CAM + walk + CRF actors, one per core -> label
+  sink, which also writes the parquet shards; with GPUs: network actor pool -> CRF actor pool)
+  and, on CPU-only machines, also in the two-pool layout with its GPU requests zeroed. The time
+  is the `label_stage` call (actor start-up and network loading included, `ray.init` reported
+  apart); "steady" images/s count only the network operator's run. Ray Data's per-operator
+  stats go into the JSON.
 
     python bench/pipeline.py                         # 128 images, tiny, Ray with 1 and 2 CPUs
-    python bench/pipeline.py --images 300 --cpus 2   # the demo corpus's size
+    python bench/pipeline.py --images 1000 --cpus 2  # the README's figures
     python bench/pipeline.py --backbone resnet38d    # on a GPU machine
     python bench/pipeline.py --quick                 # 4 images, Ray with 2 CPUs: a smoke run
 """
@@ -24,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -49,8 +56,7 @@ from psa_ray.ops.pseudo_labels import (  # noqa: E402
     crf_scores, scores_to_labels, tagged_cams, upsample_scores, walk_scores)
 from psa_ray.pipeline.labeling import corpus_rows  # noqa: E402
 from psa_ray.pipeline.writers import read_tables  # noqa: E402
-from psa_ray.train.augment import to_tensor  # noqa: E402
-from psa_ray.train.evaluate import load_trained  # noqa: E402
+from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor  # noqa: E402
 from psa_ray.train.tasks import get_task  # noqa: E402
 
 DEFAULT_IMAGES, QUICK_IMAGES = 128, 4
@@ -117,15 +123,17 @@ def count_labels(output: str) -> int:
     return len(list_files(join(output, "labels"), suffix=".png"))
 
 
-def sequential_run(spec: dict[str, Any], output: str) -> dict[str, Any]:
-    """Stage D for every row, one after the other in this process, with per-stage times."""
+def sequential_run(spec: dict[str, Any], output: str, part: int = 0, parts: int = 1) -> dict[str, Any]:
+    """Stage D for every row (of slice `part` of `parts`), one after the other in this process,
+    with per-stage times."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset, rows = bench_preset(spec["backbone"]), load_rows(spec)
+    preset, rows = bench_preset(spec["backbone"]), load_rows(spec)[part::parts]
     clock = StageClock(device)
     start, cpu_start = time.perf_counter(), time.process_time()
+    autocast = autocast_dtype(device, preset.pipeline.mixed_precision)
     with clock("load_networks"):
-        cam_net = load_trained(spec["cam_weights"]).to(device)
-        affinity_net = load_trained(spec["affinity_weights"]).to(device)
+        cam_net = load_trained(spec["cam_weights"], device)
+        affinity_net = load_trained(spec["affinity_weights"], device)
     for row in rows:
         with clock("read"):
             data = read_bytes(row["image"])
@@ -133,10 +141,9 @@ def sequential_run(spec: dict[str, Any], output: str) -> dict[str, Any]:
             rgb = decode_image(data)
         with clock("cam"):
             image = to_tensor(rgb).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                keys, cams = tagged_cams(cam_net, image, row["tags"], preset.cam)
+            keys, cams = tagged_cams(cam_net, image, row["tags"], preset.cam, autocast)
         with clock("walk"):
-            walked = walk_scores(affinity_net, image, cams.float(), preset.walk).cpu().numpy()
+            walked = walk_scores(affinity_net, image, cams, preset.walk, autocast).cpu().numpy()
         with clock("upsample"):
             scores = upsample_scores(walked, *rgb.shape[:2], preset.walk)
         with clock("crf"):
@@ -146,11 +153,12 @@ def sequential_run(spec: dict[str, Any], output: str) -> dict[str, Any]:
         with clock("write"):
             write_bytes(join(output, "labels", f"{row['image_id']}.png"), png)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    labeled = count_labels(output)
+    labeled = count_labels(output) if parts == 1 else len(rows)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": len(rows), "labeled": labeled,
             "images_per_s": labeled / seconds,
             "stage_seconds": dict(clock.seconds),
-            "torch_threads": torch.get_num_threads(), "device": str(device)}
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "autocast": str(autocast) if autocast else None}
 
 
 @contextmanager
@@ -175,8 +183,21 @@ def keeping_ray_data_stats(lines: list[str]) -> Iterator[None]:
         Dataset.write_datasink = write
 
 
-def ray_run(spec: dict[str, Any], cpus: int, output: str) -> dict[str, Any]:
-    """`label_stage` on a fresh local Ray with `cpus` CPUs, with Ray Data's stats."""
+def network_operator_seconds(stats: list[str]) -> float | None:
+    """Seconds from the first to the last block of the operator that runs the networks, read
+    from Ray Data's stats ("Operator 1 MapBatches(...StageChain): 19 tasks executed, 19 blocks
+    produced in 13.07s"): the pipeline's rate once its actors have started."""
+    for line in stats:
+        match = re.match(r"Operator \d+ .*(StageChain|CamActor).*produced in ([0-9.]+)s", line)
+        if match:
+            return float(match.group(2))
+    return None
+
+
+def ray_run(spec: dict[str, Any], cpus: int, output: str, two_pools: bool = False) -> dict[str, Any]:
+    """`label_stage` on a fresh local Ray with `cpus` CPUs, with Ray Data's stats. two_pools:
+    the layout of GPU clusters (network actor pool, then CRF pool) even without a GPU (its GPU
+    requests zeroed), to compare with the chained actors that CPU-only clusters get."""
     import ray
     from ray.data import DataContext
 
@@ -187,18 +208,23 @@ def ray_run(spec: dict[str, Any], cpus: int, output: str) -> dict[str, Any]:
     init_seconds = time.perf_counter() - started
     DataContext.get_current().execution_options.verbose_progress = False
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    preset = bench_preset(spec["backbone"])
+    if two_pools and not has_gpu:
+        preset = replace(preset, pipeline=replace(preset.pipeline, gpu_actor_gpus=0.0))
     rows, stats = load_rows(spec), []
     with keeping_ray_data_stats(stats):
         start = time.perf_counter()
-        counts = label_stage(rows, bench_preset(spec["backbone"]), spec["cam_weights"],
-                             spec["affinity_weights"], len(spec["class_names"]), output, run_id="bench",
-                             has_gpu=has_gpu)
+        counts = label_stage(rows, preset, spec["cam_weights"], spec["affinity_weights"],
+                             len(spec["class_names"]), output, run_id="bench", has_gpu=has_gpu or two_pools)
     seconds = time.perf_counter() - start
     ray.shutdown()
     labeled = count_labels(output)
+    busy = network_operator_seconds(stats)
     errors = read_tables(join(output, "errors"))
-    return {"cpus": cpus, "seconds": seconds, "ray_init_seconds": init_seconds, "images": len(rows),
+    return {"cpus": cpus, "layout": "two pools" if has_gpu or two_pools else "chained",
+            "seconds": seconds, "ray_init_seconds": init_seconds, "images": len(rows),
             "labeled": labeled, "images_per_s": labeled / seconds, "counts": counts, "has_gpu": has_gpu,
+            "network_operator_seconds": busy, "steady_images_per_s": labeled / busy if busy else None,
             "error_rows": 0 if errors is None else errors.num_rows,
             "first_errors": [] if errors is None else errors.slice(0, 3).to_pylist(),
             "ray_data_stats": stats}
@@ -206,7 +232,8 @@ def ray_run(spec: dict[str, Any], cpus: int, output: str) -> dict[str, Any]:
 
 def run_in_subprocess(spec_path: str, kind: str, count: int, output: str) -> dict[str, Any]:
     """One run in a fresh interpreter: kind "sequential" (count = torch threads, 0 = torch's
-    default) or "ray" (count = CPUs given to ray.init)."""
+    default), "slice-<i>-<n>" (the same over rows i::n), "ray" (count = CPUs given to ray.init)
+    or "ray-two-pools" (`ray_run`'s two_pools)."""
     command = [sys.executable, __file__, "--worker", spec_path, kind, str(count), output]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, never a running one
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
@@ -223,11 +250,31 @@ def run_in_subprocess(spec_path: str, kind: str, count: int, output: str) -> dic
 
 def worker(spec_path: str, kind: str, count: int, output: str) -> dict[str, Any]:
     spec = json.loads(read_bytes(spec_path))
-    if kind == "ray":
-        return ray_run(spec, count, output)
+    if kind.startswith("ray"):
+        return ray_run(spec, count, output, two_pools=kind == "ray-two-pools")
     if count:
         torch.set_num_threads(count)
+    if kind.startswith("slice-"):
+        _, part, parts = kind.split("-")
+        return sequential_run(spec, output, int(part), int(parts))
     return sequential_run(spec, output)
+
+
+def parallel_loops_run(spec_path: str, processes: int, output: str) -> dict[str, Any]:
+    """The bound for any pipeline on this machine: `processes` sequential loops with 1 thread
+    each, side by side, each over its slice of the rows (no hand-offs, no scheduler). The
+    time is the slowest loop's."""
+    with ThreadPoolExecutor(processes) as pool:
+        runs = list(pool.map(lambda i: run_in_subprocess(spec_path, f"slice-{i}-{processes}", 1, output),
+                             range(processes)))
+    failed = [run for run in runs if "images_per_s" not in run]
+    if failed:
+        return {"processes": processes, **failed[0]}
+    seconds = max(run["seconds"] for run in runs)
+    labeled = count_labels(output)
+    return {"processes": processes, "seconds": seconds, "images": sum(run["images"] for run in runs),
+            "labeled": labeled, "images_per_s": labeled / seconds,
+            "load_average_1min_after": round(os.getloadavg()[0], 2)}
 
 
 def contention_warnings(sequential: list[dict[str, Any]]) -> list[str]:
@@ -252,13 +299,20 @@ def run_benchmark(images: int, backbone: str, cpus: tuple[int, ...],
             print(f"sequential, {threads or 'default'} threads: {result.get('images_per_s', result.get('failed'))}",
                   flush=True)
             sequential.append(result)
+        bound = parallel_loops_run(spec_path, os.cpu_count() or 1, join(folder, "parallel_loops"))
+        if "images_per_s" in bound and sequential[0].get("images_per_s"):
+            bound["over_sequential"] = bound["images_per_s"] / sequential[0]["images_per_s"]
+        print(f"{bound['processes']} sequential loops side by side, 1 thread each: "
+              f"{bound.get('images_per_s', bound.get('failed'))}", flush=True)
         ray_runs = []
-        for k in cpus:
-            result = {"cpus": k, **run_in_subprocess(spec_path, "ray", k, join(folder, f"ray_{k}cpu"))}
+        kinds = ["ray"] if torch.cuda.is_available() else ["ray", "ray-two-pools"]
+        for k, kind in [(k, kind) for k in cpus for kind in kinds]:
+            result = {"cpus": k, **run_in_subprocess(spec_path, kind, k, join(folder, f"{kind}_{k}cpu"))}
             for name, baseline in zip(("ray_over_sequential", "ray_over_sequential_1_thread"), sequential):
                 if "images_per_s" in result and baseline.get("images_per_s"):
                     result[name] = result["images_per_s"] / baseline["images_per_s"]
-            print(f"ray, {k} CPU: {result.get('images_per_s', result.get('failed'))}", flush=True)
+            print(f"ray, {k} CPU, {result.get('layout')}: {result.get('images_per_s', result.get('failed'))}",
+                  flush=True)
             ray_runs.append(result)
     return {
         "description": __doc__.split("\n\n")[0],
@@ -271,25 +325,39 @@ def run_benchmark(images: int, backbone: str, cpus: tuple[int, ...],
                         "and the loop; ray: the label_stage call, without ray.init); each run in a "
                         "fresh process",
         "ratios": "ray_over_sequential: vs the sequential loop with torch's default threads (the "
-                  "baseline of the issue); ray_over_sequential_1_thread: vs the loop with one thread",
+                  "baseline of the issue); ray_over_sequential_1_thread: vs the loop with one thread; "
+                  "parallel_loops.over_sequential: the bound (one 1-thread loop per core) vs the baseline",
+        "steady_images_per_s": "ray: images / seconds of the operator that runs the networks (from "
+                               "its first to its last block), i.e. without the actors' start-up",
         "machine": describe_machine(),
         "sequential": sequential,
+        "parallel_loops": bound,
         "ray": ray_runs,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The runs side by side, then the sequential loop's time per stage."""
-    lines = ["| run | seconds | images/s | ray / sequential | ray / sequential 1 thread | load after |",
-             "|---|---|---|---|---|---|"]
-    for run in result["sequential"] + result["ray"]:
-        name = f"ray, {run['cpus']} CPU" if "cpus" in run else f"sequential, {run.get('torch_threads', '?')} threads"
+    lines = ["| run | seconds | images/s | steady images/s | vs sequential | vs sequential 1 thread | load after |",
+             "|---|---|---|---|---|---|---|"]
+    bound = result.get("parallel_loops", {})
+    for run in result["sequential"] + [bound] + result["ray"]:
+        if "cpus" in run:
+            name = f"ray, {run['cpus']} CPU, {run.get('layout', '?')}"
+        elif "processes" in run:
+            name = f"{run['processes']} sequential loops side by side, 1 thread each (bound)"
+        else:
+            name = f"sequential, {run.get('torch_threads', '?')} threads"
         if "images_per_s" not in run:
-            lines.append(f"| {name} | failed: {run['failed']} | - | - | - | - |")
+            lines.append(f"| {name} | failed: {run.get('failed')} | - | - | - | - | - |")
             continue
+        steady = run.get("steady_images_per_s")
         ratios = [f"{run[k]:.2f}x" if k in run else "-"
                   for k in ("ray_over_sequential", "ray_over_sequential_1_thread")]
-        lines.append(f"| {name} | {run['seconds']:.1f} | {run['images_per_s']:.2f} | {ratios[0]} | {ratios[1]} "
+        if "over_sequential" in run:
+            ratios[0] = f"{run['over_sequential']:.2f}x"
+        lines.append(f"| {name} | {run['seconds']:.1f} | {run['images_per_s']:.2f} | "
+                     f"{f'{steady:.2f}' if steady else '-'} | {ratios[0]} | {ratios[1]} "
                      f"| {run['load_average_1min_after']} |")
     for run in result["sequential"]:
         if "stage_seconds" in run:

@@ -84,9 +84,12 @@ PAPER_TRAIN = {
 class PipelineConfig:
     """Ray Data resources of the labeling pipeline; the autoscaler grows worker groups from these.
 
-    GPU actors (CAM, AffinityNet + random walk) ask for `gpu_actor_gpus` only when the cluster has
-    GPUs, so the same code runs on a CPU-only laptop. Fractional CPU requests keep a 2-core
-    machine from deadlocking (a GPU actor, a CRF actor and a read task would need 3 CPUs).
+    With GPUs, network actors (CAM, AffinityNet + random walk; `gpu_actor_*`, `gpu_pool`) feed
+    CRF actors (`crf_actor_cpus`, `crf_pool`). Without, one pool of actors runs both stages, one
+    per core (`crf_actor_cpus` each, at most `crf_pool[1]`): on a CPU-only cluster both stages
+    share the cores anyway, and chained they hand nothing between pools (see bench/pipeline.py).
+    Fractional CPU requests keep a 2-core machine from deadlocking (actors, a read task and a
+    write task must fit at once).
     """
 
     batch_size: int = 8
@@ -96,6 +99,7 @@ class PipelineConfig:
     crf_actor_cpus: float = 1.0
     decode_cpus: float = 1.0
     write_cpus: float = 1.0               # a write task; under 1 lets writes overlap busy actors
+    mixed_precision: bool = True          # bf16 network inference where the device has native bf16
     gpu_pool: tuple[int, int] = (1, 8)    # (min, max) actors
     crf_pool: tuple[int, int] = (1, 32)
 

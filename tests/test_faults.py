@@ -22,7 +22,7 @@ from psa_ray.io.palette import decode_label_png
 from psa_ray.pipeline.writers import read_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_IMAGES = 40
+NUM_IMAGES = 64  # 4 blocks of 16: a kill after the first written block lands mid-stage
 VALID_LABELS = set(range(len(CLASS_NAMES) + 1)) | {255}
 # The GCS declares a killed node dead after 3 missed 1 s health checks (default: 5 x 3 s).
 FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}

@@ -68,7 +68,8 @@ def test_label_job_end_to_end_on_s3(ray_cluster, s3_bucket):
 
 @pytest.mark.slow
 def test_job_killed_during_stage_d_resumes_without_duplicates(ray_cluster, trained_checkpoints, tmp_path):
-    manifest = write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=40, seed=9))
+    num_images = 64  # 4 blocks of 16: a kill after the first written block lands mid-stage
+    manifest = write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=num_images, seed=9))
     out = str(tmp_path / "out")
     # Trained networks given: the job goes straight to stage D, where the kill lands.
     cmd = [sys.executable, os.path.join(REPO, "jobs", "label_dataset.py"), "--input", manifest,
@@ -86,12 +87,37 @@ def test_job_killed_during_stage_d_resumes_without_duplicates(ray_cluster, train
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len(os.listdir(labels))
-    assert 0 < partial < 40, "the kill should land during stage D"
+    assert 0 < partial < num_images, "the kill should land during stage D"
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ids = {f"syn_{i:06d}" for i in range(40)}
+    ids = {f"syn_{i:06d}" for i in range(num_images)}
     _check_outputs(out, manifest, ids)
     shard_files = [os.path.join(out, "shards", f) for f in os.listdir(os.path.join(out, "shards"))]
     total = sum(pq.read_metadata(f).num_rows for f in shard_files)
-    assert total == 40, "no shard row written twice"
+    assert total == num_images, "no shard row written twice"
+
+
+@pytest.mark.slow
+def test_gpu_and_cpu_layouts_of_stage_d_give_the_same_labels(ray_cluster, trained_checkpoints, tmp_path):
+    """Stage D as GPU clusters run it (a network actor pool, then a CRF pool; GPU requests zeroed
+    here) and as CPU-only clusters do (one pool of chained actors): the same label bytes."""
+    from dataclasses import replace
+
+    from psa_ray.config import PRESETS
+    from psa_ray.io.manifest import read_corpus
+    from psa_ray.pipeline.labeling import corpus_rows, label_stage
+
+    corpus, _ = read_corpus(write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=6, seed=4)))
+    preset = PRESETS["demo"]
+    preset = replace(preset, pipeline=replace(preset.pipeline, gpu_actor_gpus=0.0))
+    labels = {}
+    for has_gpu in (True, False):
+        output = str(tmp_path / f"out_gpu_{has_gpu}")
+        counts = label_stage(corpus_rows(corpus, None), preset, trained_checkpoints["cam"],
+                             trained_checkpoints["affinity"], len(corpus.class_names), output, "run",
+                             has_gpu=has_gpu)
+        assert counts == {"skipped": 0, "processed": 6}
+        labels[has_gpu] = {u.rsplit("/", 1)[-1]: read_bytes(u)
+                           for u in list_files(join(output, "labels"), suffix=".png")}
+    assert len(labels[True]) == 6 and labels[True] == labels[False]

@@ -49,3 +49,30 @@ def test_crf_scores_accept_read_only_images():
     probs = crf_scores(rgb, scores, CrfConfig())
     assert probs.shape == (2, 20, 30)
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-4)
+
+
+
+def test_bf16_inference_gives_float32_scores_and_the_same_labels():
+    """With bf16 autocast the networks run in bf16, but CAMs and walked scores come back float32
+    and the walk's labels match float32 inference on nearly every pixel."""
+    from psa_ray.config import CamConfig
+    from psa_ray.ops.pseudo_labels import tagged_cams
+
+    torch.manual_seed(0)
+    cam_net = build_model("cam", "tiny", 3).eval()
+    affinity_net = build_model("affinity", "tiny", None).eval()
+    image = torch.randn(3, 128, 192)
+    image[:, :, 96:] += 2.0                           # two regions the features can tell apart
+    cams = torch.zeros(2, 128, 192)
+    cams[0, 16:112, 8:88] = torch.linspace(1.0, 0.3, 80)   # a partial CAM in each region
+    cams[1, 16:112, 104:184] = torch.linspace(0.3, 1.0, 80)
+    config = WalkConfig(t=16)
+    labels = {}
+    for autocast in (None, torch.bfloat16):
+        _, tagged = tagged_cams(cam_net, image, np.array([1.0, 0.0, 1.0], np.float32),
+                                CamConfig(scales=(0.5, 1.0)), autocast)
+        walked = walk_scores(affinity_net, image, cams, config, autocast)
+        assert tagged.dtype == walked.dtype == torch.float32
+        labels[autocast] = scores_to_labels(upsample_scores(walked, 128, 192, config), np.array([1, 3]))
+    assert set(np.unique(labels[None])) == {0, 1, 3}
+    assert (labels[None] == labels[torch.bfloat16]).mean() > 0.97

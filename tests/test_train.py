@@ -19,7 +19,7 @@ from psa_ray.data.synthetic import SyntheticConfig, write_corpus
 from psa_ray.io.manifest import read_corpus
 from psa_ray.io.storage import join, list_files
 from psa_ray.train.augment import TrainAugment
-from psa_ray.train.evaluate import load_trained
+from psa_ray.models.inference import load_trained
 from psa_ray.models.weights import load_weights
 from psa_ray.train.loop import poly_lr
 from psa_ray.train.tasks import get_task
@@ -71,7 +71,7 @@ def _corpus_loss(task, model, root, corpus, size: int = 96) -> float:
     from psa_ray.io.images import decode_image, resize_label
     from psa_ray.io.palette import decode_label_png
     from psa_ray.io.storage import read_bytes
-    from psa_ray.train.augment import to_tensor
+    from psa_ray.models.inference import to_tensor
 
     images, masks = [], []
     for row in corpus.rows:

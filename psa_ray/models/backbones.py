@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 
@@ -130,7 +129,9 @@ class ResNet50(nn.Module):
 
     def __init__(self):
         super().__init__()
-        net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+        from torchvision.models import resnet50  # here: importing torchvision costs workers ~1 s
+
+        net = resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
         self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 

@@ -10,12 +10,14 @@ from torch import Tensor, nn
 NORM_EPS = 1e-5
 
 
-def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[float], flip: bool) -> Tensor:
-    """images [B,3,H,W] -> CAMs [B,C,H,W] summed over scales (and horizontal flips), not normalised.
+def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[float], flip: bool,
+                          autocast: torch.dtype | None = None) -> Tensor:
+    """images [B,3,H,W] -> CAMs [B,C,H,W] float32, summed over scales (and horizontal flips), not normalised.
 
     `model.cams(x [B,3,h,w])` must return ReLU'd class activation maps [B,C,~h/8,~w/8]. Each
     scale resizes the images bilinearly to (round(H*s), round(W*s)); the flipped copies run in
-    the same batch, their maps are flipped back, and every map is upsampled to (H, W).
+    the same batch, their maps are flipped back, and every map is upsampled to (H, W). With
+    `autocast` (e.g. torch.bfloat16) the network runs in that precision.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
@@ -29,7 +31,9 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
             scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             if flip:
                 scaled = torch.cat([scaled, scaled.flip(-1)])
-            cams = model.cams(scaled)
+            with torch.autocast(images.device.type, dtype=autocast or torch.float32,
+                                enabled=autocast is not None):
+                cams = model.cams(scaled).float()
             if flip:  # upsampling is linear and commutes with the flip, so add the pair first
                 cams = cams[:batch] + cams[batch:].flip(-1)
             maps.append(F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False))

@@ -20,11 +20,14 @@ from psa_ray.ops.random_walk import random_walk
 STRIDE = 8
 
 
-def tagged_cams(cam_net: nn.Module, image: torch.Tensor, tags: np.ndarray,
-                config: CamConfig) -> tuple[np.ndarray, torch.Tensor]:
-    """image [3,H,W] normalised, tags [C] multi-hot -> (keys [n] int64 in 1..C, cams [n,H,W] in [0,1])."""
+def tagged_cams(cam_net: nn.Module, image: torch.Tensor, tags: np.ndarray, config: CamConfig,
+                autocast: torch.dtype | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """image [3,H,W] normalised, tags [C] multi-hot -> (keys [n] int64 in 1..C, cams [n,H,W] in [0,1]).
+
+    `autocast`: the precision of the network's inference (None: float32), see `class_activation_maps`.
+    """
     tag_tensor = torch.as_tensor(np.asarray(tags), dtype=torch.float32, device=image.device)[None]
-    cams = class_activation_maps(cam_net, image[None], config.scales, config.flip)
+    cams = class_activation_maps(cam_net, image[None], config.scales, config.flip, autocast)
     cams = normalize_cams(cams, tag_tensor)[0]
     present = torch.nonzero(tag_tensor[0] > 0).flatten()
     return (present + 1).cpu().numpy().astype(np.int64), cams[present]
@@ -67,12 +70,14 @@ def walk_size(height: int, width: int, min_side: int) -> tuple[int, int]:
 
 
 def walk_scores(affinity_net: nn.Module, image: torch.Tensor, cams: torch.Tensor,
-                config: WalkConfig) -> torch.Tensor:
-    """Stage D on the feature grid: image [3,H,W], cams [n,H,W] -> walked scores [n+1,h,w].
+                config: WalkConfig, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Stage D on the feature grid: image [3,H,W], cams [n,H,W] -> walked scores [n+1,h,w] float32.
 
     Image and CAMs are resized to `walk_size` and zero-padded to a multiple of the stride, the
     scores (background (1 - max)^alpha first) are average-pooled to the stride-8 grid of
     AffinityNet's features, and `random_walk` spreads them with T = D^-1 A^beta for t steps.
+    With `autocast` (e.g. torch.bfloat16) AffinityNet runs in that precision; the affinities
+    and the walk are computed in float32.
     """
     size = walk_size(*image.shape[-2:], config.min_side)
     if size != tuple(image.shape[-2:]):
@@ -81,7 +86,8 @@ def walk_scores(affinity_net: nn.Module, image: torch.Tensor, cams: torch.Tensor
     height, width = size
     pad = (0, -width % STRIDE, 0, -height % STRIDE)
     with torch.inference_mode():
-        features = affinity_net(F.pad(image, pad)[None])
+        with torch.autocast(image.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            features = affinity_net(F.pad(image, pad)[None])
         scores = F.avg_pool2d(F.pad(with_background(cams[None], config.alpha), pad), STRIDE, STRIDE)
         scores = scores[..., : features.shape[-2], : features.shape[-1]]
         affinities = feature_affinities(features.float(), config.radius)

@@ -60,15 +60,17 @@ def transition_matrix(affinities: Tensor, beta: float, dtype: torch.dtype) -> Te
         inside[slot[(-dy, -dx)], rows_j, cols_j] = True
     weights = weights / weights.sum(dim=1, keepdim=True)
 
-    size = batch * height * width
+    size, entries = batch * height * width, height * width * len(directions)
     index_dtype = torch.int32 if size * len(directions) < 2**31 else torch.int64
+    # The kept (row, direction) entries of one image, in row-major order, then of each image.
+    kept = inside.permute(1, 2, 0).reshape(-1).nonzero().squeeze(1)
+    kept = (kept + torch.arange(batch, device=device)[:, None] * entries).reshape(-1)
     pixel = torch.arange(size, device=device).view(batch, height, width, 1)
     step = torch.tensor([dy * width + dx for dy, dx in directions], device=device)
-    inside = inside.permute(1, 2, 0).expand(batch, -1, -1, -1)  # [B,h,w,N]
-    columns = (pixel + step)[inside].to(index_dtype)
-    values = weights.permute(0, 2, 3, 1)[inside]
+    columns = (pixel + step).reshape(-1).index_select(0, kept).to(index_dtype)
+    values = weights.permute(0, 2, 3, 1).reshape(-1).index_select(0, kept)
     row_starts = torch.zeros(size + 1, dtype=torch.int64, device=device)
-    row_starts[1:] = inside.reshape(size, -1).sum(dim=1).cumsum(dim=0)
+    row_starts[1:] = inside.sum(dim=0).reshape(-1).repeat(batch).cumsum(dim=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         return torch.sparse_csr_tensor(row_starts.to(index_dtype), columns, values, (size, size),

@@ -19,8 +19,7 @@ from psa_ray.ops.cam import with_background
 from psa_ray.ops.metrics import confusion_matrix
 from psa_ray.ops.pseudo_labels import (
     crf_scores, scores_to_labels, seed_label, tagged_cams, upsample_scores, walk_scores)
-from psa_ray.train.augment import to_tensor
-from psa_ray.train.evaluate import load_trained
+from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
 
 
 def inference_device() -> torch.device:
@@ -61,21 +60,21 @@ class CamActor:
     """GPU stage: multi-scale CAMs of the tagged classes (and, for stage D, the random walk)."""
 
     def __init__(self, cam_weights: str, cam: CamConfig, affinity_weights: str | None = None,
-                 walk: WalkConfig | None = None, keep_cams: bool = True):
+                 walk: WalkConfig | None = None, keep_cams: bool = True, mixed_precision: bool = True):
         self.device = inference_device()
-        self.cam_net = load_trained(cam_weights).to(self.device)
-        self.affinity_net = load_trained(affinity_weights).to(self.device) if affinity_weights else None
+        self.autocast = autocast_dtype(self.device, mixed_precision)
+        self.cam_net = load_trained(cam_weights, self.device)
+        self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
         self.cam, self.walk, self.keep_cams = cam, walk or WalkConfig(), keep_cams
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         image = to_tensor(batch["rgb"][i]).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            keys, cams = tagged_cams(self.cam_net, image, batch["tags"][i], self.cam)
+        keys, cams = tagged_cams(self.cam_net, image, batch["tags"][i], self.cam, self.autocast)
         out: dict[str, Any] = {"keys": keys}
         if self.keep_cams:
-            out["cams"] = cams.float().cpu().numpy().astype(np.float16)
+            out["cams"] = cams.cpu().numpy().astype(np.float16)
         if self.affinity_net is not None:
-            out["walked"] = walk_scores(self.affinity_net, image, cams.float(), self.walk).cpu().numpy()
+            out["walked"] = walk_scores(self.affinity_net, image, cams, self.walk, self.autocast).cpu().numpy()
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -86,6 +85,23 @@ class CamActor:
             columns["walked"] = np.zeros((1, 1, 1), np.float32)
         return per_row(batch, "cam" if self.affinity_net is None else "walk",
                         lambda i: self._row(batch, i), columns)
+
+
+class StageChain:
+    """Several stage actors in one actor: each batch goes through them in turn.
+
+    On a CPU-only cluster every stage runs on the same cores, so one actor per core that does
+    them all keeps each core busy and hands no images or score maps from one pool to another.
+    stages: (actor class, constructor kwargs) in order.
+    """
+
+    def __init__(self, stages: list[tuple[type, dict[str, Any]]]):
+        self.stages = [actor(**kwargs) for actor, kwargs in stages]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
 
 
 class SeedActor:

@@ -22,12 +22,13 @@ from psa_ray.data.synthetic import SyntheticConfig, write_corpus
 from psa_ray.io.manifest import Corpus, read_corpus
 from psa_ray.io.storage import absolute, exists, join, list_files, redact, write_bytes
 from psa_ray.ops.metrics import iou_per_class
-from psa_ray.pipeline.actors import CamActor, RefineActor, SeedActor
+from psa_ray.pipeline.actors import CamActor, RefineActor, SeedActor, StageChain
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.readers import decoded_dataset, drop_failed
 from psa_ray.pipeline.writers import (
     EVAL_VARIANTS, LabelSink, PngSink, done_ids, error_table, read_tables, write_table)
-from psa_ray.train.loop import fit, read_meta
+from psa_ray.models.inference import read_meta
+from psa_ray.train.loop import fit
 
 
 @dataclass
@@ -105,9 +106,25 @@ def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
 
-def _gpu_args(preset: Preset, has_gpu: bool) -> dict[str, float]:
+def actor_stages(ds: ray.data.Dataset, network_stage: tuple[type, dict[str, Any]],
+                 cpu_stage: tuple[type, dict[str, Any]], preset: Preset, has_gpu: bool) -> ray.data.Dataset:
+    """The network stage (CAMs, AffinityNet, walk) then the CPU stage (CRF) on every batch.
+
+    With GPUs: a GPU actor pool then a CPU actor pool, each grown by the autoscaler for its own
+    stage. Without: one pool of `StageChain` actors that run both, as many as the cluster has
+    cores for now (one torch thread each) and up to the CRF pool's maximum.
+    """
     p = preset.pipeline
-    return {"num_gpus": p.gpu_actor_gpus if has_gpu else 0, "num_cpus": p.gpu_actor_cpus}
+    if has_gpu:
+        ds = ds.map_batches(network_stage[0], fn_constructor_kwargs=network_stage[1], batch_size=p.batch_size,
+                            compute=_pool(p.gpu_pool), num_gpus=p.gpu_actor_gpus, num_cpus=p.gpu_actor_cpus)
+        return ds.map_batches(cpu_stage[0], fn_constructor_kwargs=cpu_stage[1], batch_size=p.batch_size,
+                              compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+    cores = int(ray.cluster_resources().get("CPU", 1) // max(1.0, p.crf_actor_cpus))
+    size = max(1, min(cores, p.crf_pool[1]))
+    return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": [network_stage, cpu_stage]},
+                          batch_size=p.batch_size, compute=_pool((size, max(size, p.crf_pool[1]))),
+                          num_cpus=p.crf_actor_cpus)
 
 
 def train_stage(kind: str, rows: list[dict[str, Any]], preset: Preset, class_names: list[str],
@@ -141,11 +158,9 @@ def seed_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, out
     if todo:
         p = preset.pipeline
         ds = decoded_dataset(todo, num_cpus=p.decode_cpus, max_side=p.max_side)
-        ds = ds.map_batches(CamActor, fn_constructor_kwargs=dict(
-            cam_weights=cam_weights, cam=preset.cam), batch_size=p.batch_size, compute=_pool(p.gpu_pool),
-            **_gpu_args(preset, has_gpu))
-        ds = ds.map_batches(SeedActor, fn_constructor_kwargs={"cam": preset.cam},
-                            batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+        ds = actor_stages(ds, (CamActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                              mixed_precision=p.mixed_precision)),
+                          (SeedActor, {"cam": preset.cam}), preset, has_gpu)
         ds.write_datasink(PngSink(folder), ray_remote_args={"num_cpus": p.write_cpus})
     return len(have) + len(todo)
 
@@ -159,12 +174,11 @@ def label_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, af
     if todo:
         p = preset.pipeline
         ds = decoded_dataset(todo, num_cpus=p.decode_cpus, max_side=p.max_side)
-        ds = ds.map_batches(CamActor, fn_constructor_kwargs=dict(
-            cam_weights=cam_weights, cam=preset.cam, affinity_weights=affinity_weights, walk=preset.walk, keep_cams=evaluate),
-            batch_size=p.batch_size, compute=_pool(p.gpu_pool), **_gpu_args(preset, has_gpu))
-        ds = ds.map_batches(RefineActor, fn_constructor_kwargs=dict(
-            walk=preset.walk, num_classes=num_classes, evaluate=evaluate),
-            batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+        ds = actor_stages(ds, (CamActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                              affinity_weights=affinity_weights, walk=preset.walk,
+                                              keep_cams=evaluate, mixed_precision=p.mixed_precision)),
+                          (RefineActor, dict(walk=preset.walk, num_classes=num_classes, evaluate=evaluate)),
+                          preset, has_gpu)
         ds.write_datasink(LabelSink(output, run_id, evaluate), ray_remote_args={"num_cpus": p.write_cpus})
     return {"skipped": len(done & {r["image_id"] for r in rows}), "processed": len(todo)}
 

@@ -30,19 +30,19 @@ from psa_ray.io.storage import join, list_files, parent, read_bytes, redact
 from psa_ray.pipeline.actors import inference_device, per_row
 from psa_ray.pipeline.readers import decoded_dataset
 from psa_ray.pipeline.writers import LabelSink, done_ids, error_table, read_tables, write_table
-from psa_ray.train.augment import to_tensor
-from psa_ray.train.evaluate import load_trained
-from psa_ray.train.loop import read_meta
+from psa_ray.models.inference import autocast_dtype, load_trained, read_meta, to_tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".avif")
 FOLDER_SEPARATOR = "__"  # stands for '/' in the ids of images in subfolders
 
 
-def segment_probabilities(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+def segment_probabilities(model: torch.nn.Module, image: torch.Tensor,
+                          autocast: torch.dtype | None = None) -> torch.Tensor:
     """image [3,H,W] normalised -> class probabilities [K,H,W] (float32): DeepLab's logits
-    upsampled bilinearly to the image size, as in training, then a softmax."""
-    with torch.inference_mode(), torch.autocast(image.device.type, dtype=torch.bfloat16,
-                                                enabled=image.device.type == "cuda"):
+    upsampled bilinearly to the image size, as in training, then a softmax. `autocast`: the
+    precision of the network's inference (None: float32)."""
+    with torch.inference_mode(), torch.autocast(image.device.type, dtype=autocast or torch.float32,
+                                                enabled=autocast is not None):
         logits = model(image[None])
     logits = F.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
     return logits.softmax(dim=1)[0]
@@ -53,12 +53,13 @@ class SegmentActor:
 
     def __init__(self, checkpoint: str):
         self.device = inference_device()
-        self.model = load_trained(checkpoint).to(self.device)
+        self.model = load_trained(checkpoint, self.device)
+        self.autocast = autocast_dtype(self.device, mixed_precision=True)
         self.class_names = list(read_meta(checkpoint)["class_names"])
 
     def _row(self, rgb: np.ndarray, height: int, width: int) -> dict[str, Any]:
         """One image (maybe shrunk for processing) -> its label at the full `height` x `width`."""
-        probs = segment_probabilities(self.model, to_tensor(rgb).to(self.device))
+        probs = segment_probabilities(self.model, to_tensor(rgb).to(self.device), self.autocast)
         confidence, label = probs.max(dim=0)
         label = resize_label(label.to(torch.uint8).cpu().numpy(), height, width)
         counts = np.bincount(label.ravel(), minlength=probs.shape[0])

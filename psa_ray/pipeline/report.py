@@ -21,8 +21,7 @@ from psa_ray.ops.cam import with_background
 from psa_ray.ops.pseudo_labels import scores_to_labels, tagged_cams, upsample_scores, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
 from psa_ray.pipeline.actors import inference_device
-from psa_ray.train.augment import to_tensor
-from psa_ray.train.evaluate import load_trained
+from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
 
@@ -40,11 +39,11 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
     height, width = rgb.shape[:2]
     device = next(cam_net.parameters()).device
     image = to_tensor(rgb).to(device)
+    autocast = autocast_dtype(device, preset.pipeline.mixed_precision)
     with torch.inference_mode():
-        keys, cams = tagged_cams(cam_net, image, tags, preset.cam)
-        cams = cams.float()
+        keys, cams = tagged_cams(cam_net, image, tags, preset.cam, autocast)
         cam_scores = with_background(cams[None], preset.walk.alpha)[0].cpu().numpy()
-        walked = walk_scores(affinity_net, image, cams, preset.walk).cpu().numpy()
+        walked = walk_scores(affinity_net, image, cams, preset.walk, autocast).cpu().numpy()
     cam_label = scores_to_labels(cam_scores, keys)
     walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), keys)
     labels = [cam_label, walk_label, final] + ([gt] if gt is not None else [])
@@ -75,8 +74,8 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
     have = set(list_files(labels, suffix=".png"))
     samples = [r for r in rows if join(labels, f"{r['image_id']}.png") in have][:num_samples]
     device = inference_device()
-    cam_net = load_trained(cam_weights).to(device)
-    affinity_net = load_trained(affinity_weights).to(device)
+    cam_net = load_trained(cam_weights, device)
+    affinity_net = load_trained(affinity_weights, device)
 
     written, lines, failed = [], [], []
     for row in samples:

@@ -15,16 +15,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from psa_ray.config import TrainConfig
+from psa_ray.models.inference import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = 255
-
-
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 [H,W,3] -> normalised float [3,H,W] (the inference-time input)."""
-    image = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)
-    return F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 class RandomLongSideResize(v2.Transform):

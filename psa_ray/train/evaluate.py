@@ -6,22 +6,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from psa_ray.models.networks import build_model
-from psa_ray.models.weights import load_weights
+from psa_ray.models.inference import load_trained, to_tensor
 from psa_ray.ops.metrics import mean_average_precision
 from psa_ray.pipeline.readers import decoded_dataset, drop_failed
-from psa_ray.train.augment import to_tensor
-from psa_ray.train.loop import read_meta
-
-
-def load_trained(weights_uri: str) -> torch.nn.Module:
-    """A network exported by `fit`, rebuilt from the meta.json beside its weights, in eval mode."""
-    meta = read_meta(weights_uri)
-    kind = meta["kind"]
-    num_classes = {"cam": meta["num_classes"], "deeplab": meta["num_classes"] + 1}.get(kind)
-    model = build_model(kind, meta["backbone"], num_classes)
-    load_weights(model, weights_uri)
-    return model.eval()
 
 
 def classifier_map(weights_uri: str, rows: list[dict[str, Any]]) -> float:

@@ -21,12 +21,13 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from psa_ray.config import TrainConfig, to_dict
-from psa_ray.io.storage import join, read_bytes, write_bytes
+from psa_ray.io.storage import join, write_bytes
+from psa_ray.models.inference import META_FILE
 from psa_ray.models.weights import load_weights
 from psa_ray.train.augment import TrainAugment
 from psa_ray.train.tasks import get_task
 
-MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+MODEL_FILE, STATE_FILE = "model.pt", "train_state.pt"
 
 
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
@@ -161,12 +162,6 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
         with open(os.path.join(folder, META_FILE), "rb") as f:
             write_bytes(join(storage, kind, META_FILE), f.read())
     return weights_uri, dict(result.metrics or {})
-
-
-def read_meta(weights_uri: str) -> dict[str, Any]:
-    """The meta.json written beside exported weights (kind, backbone, class names, config)."""
-    folder = weights_uri.rsplit("/", 1)[0]
-    return json.loads(read_bytes(join(folder, META_FILE)))
 
 
 def _ray_storage_path(uri: str) -> str:
