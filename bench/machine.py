@@ -17,8 +17,9 @@ def _cpuinfo(field: str) -> str:
     return "unknown"
 
 
-def _meminfo_kib(field: str) -> int:
-    with open("/proc/meminfo") as f:
+def _proc_kib(path: str, field: str) -> int:
+    """A "Field:  <n> kB" line of a /proc file (/proc/meminfo, /proc/self/status), in KiB."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -32,7 +33,7 @@ def describe_machine() -> dict[str, Any]:
         "cpu_model": _cpuinfo("model name"),
         "cpu_flags_avx512": "avx512f" in _cpuinfo("flags").split(),
         "cores_usable": len(os.sched_getaffinity(0)),
-        "ram_gib": round(_meminfo_kib("MemTotal") / 2**20, 1),
+        "ram_gib": round(_proc_kib("/proc/meminfo", "MemTotal") / 2**20, 1),
         "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
         "gpu": gpu,
         "python": platform.python_version(),
@@ -42,14 +43,6 @@ def describe_machine() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
     }
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 class PeakRss:
@@ -67,10 +60,10 @@ class PeakRss:
     def __enter__(self) -> PeakRss:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        self.start_kib = _status_kib("VmRSS")
+        self.start_kib = _proc_kib("/proc/self/status", "VmRSS")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        peak_kib = _status_kib("VmHWM")
+        peak_kib = _proc_kib("/proc/self/status", "VmHWM")
         self.peak_mib = peak_kib / 1024
         self.extra_mib = (peak_kib - self.start_kib) / 1024
