@@ -141,9 +141,9 @@ def sequential_run(spec: dict[str, Any], output: str, part: int = 0, parts: int 
             rgb = decode_image(data)
         with clock("cam"):
             image = to_tensor(rgb).to(device)
-            keys, cams = tagged_cams(cam_net, image, row["tags"], preset.cam, autocast)
+            [(keys, cams)] = tagged_cams(cam_net, [image], [row["tags"]], preset.cam, autocast)
         with clock("walk"):
-            walked = walk_scores(affinity_net, image, cams, preset.walk, autocast).cpu().numpy()
+            walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()
         with clock("upsample"):
             scores = upsample_scores(walked, *rgb.shape[:2], preset.walk)
         with clock("crf"):

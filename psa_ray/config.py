@@ -142,7 +142,7 @@ PRESETS: dict[str, Preset] = {
         # the synthetic images are 96-160 px: walked at >= 320 px, the stride-8 grid has cells
         # small enough to follow object edges (random walk mIoU 63 -> 80 on 60 training images)
         walk=WalkConfig(min_side=320),
-        pipeline=PipelineConfig(batch_size=4, gpu_actor_cpus=0.5, crf_actor_cpus=0.5,
+        pipeline=PipelineConfig(batch_size=16, gpu_actor_cpus=0.5, crf_actor_cpus=0.5,
                                 decode_cpus=0.5, write_cpus=0.25, gpu_pool=(1, 2), crf_pool=(1, 2)),
     ),
 }

@@ -235,6 +235,31 @@ def local_ray_cluster(tmp_path) -> Iterator[LocalRayCluster]:
         cluster.shutdown()
 
 
+def _save_network(folder: str, kind: str, net: Any) -> str:
+    """Weights and meta.json of a tiny-backbone network on the synthetic classes, as `fit`
+    exports them; returns the weights path."""
+    import io
+
+    import torch
+
+    from psa_ray.data.synthetic import CLASS_NAMES
+    from psa_ray.io.storage import join, write_bytes
+
+    weights = join(folder, "checkpoints", kind, "model.pt")
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_bytes(weights, buffer.getvalue())
+    meta = {"kind": kind, "backbone": "tiny", "num_classes": len(CLASS_NAMES), "class_names": list(CLASS_NAMES)}
+    write_bytes(join(folder, "checkpoints", kind, "meta.json"), json.dumps(meta).encode())
+    return weights
+
+
+@pytest.fixture
+def save_network():
+    """save_network(folder, kind, net) -> weights path: `net` exported as `fit` exports it."""
+    return _save_network
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoints(ray_cluster, tmp_path_factory) -> dict[str, str]:
     """{"cam": URI, "affinity": URI}: the weights of one quick job (1 epoch, 1 Ray Train worker)

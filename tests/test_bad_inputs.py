@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from psa_ray.config import WalkConfig
@@ -264,6 +265,38 @@ def test_refine_actor_restores_the_label_to_the_original_size(tmp_path):
     assert np.isclose(out["class_fractions"][0][2], (label == 2).mean())
     for variant in ("cam", "cam_crf", "rw", "rw_crf"):  # scored at the ground truth's (full) size
         assert out[f"cm_{variant}"][0].sum() == 80 * 192
+
+
+def test_a_row_that_breaks_a_batch_becomes_the_only_error_row(tmp_path, save_network):
+    """CamActor runs a batch's rows in one call; a row that makes it fail (tags of the wrong
+    length) is redone alone and becomes the one error row, and the other rows get the walked
+    scores they get on their own."""
+    from psa_ray.config import CamConfig
+    from psa_ray.pipeline.actors import CamActor
+    from psa_ray.train.tasks import get_task
+
+    torch.manual_seed(0)
+    classes = len(CLASS_NAMES)
+    actor = CamActor(save_network(str(tmp_path), "cam", get_task("cam").build("tiny", classes)),
+                     CamConfig(scales=(0.5, 1.0)),
+                     save_network(str(tmp_path), "affinity", get_task("affinity").build("tiny", classes)),
+                     WalkConfig(t=16), keep_cams=False, mixed_precision=False)
+    rng = np.random.default_rng(0)
+    rgbs = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(40, 56, 3), (48, 40, 3), (40, 56, 3)]]
+    tags = [np.eye(classes, dtype=np.float32)[0], np.ones(classes + 1, np.float32),
+            np.eye(classes, dtype=np.float32)[2]]
+
+    def batch(rows):
+        return {"image_id": _objects(*[f"r{i}" for i in rows]), "rgb": _objects(*[rgbs[i] for i in rows]),
+                "tags": _objects(*[tags[i] for i in rows]), "stage": _objects(*[""] * len(rows)),
+                "error": _objects(*[""] * len(rows)), "message": _objects(*[""] * len(rows))}
+
+    out = actor(batch([0, 1, 2]))
+    assert list(out["error"]) == ["", "ValueError", ""] and out["stage"][1] == "walk"
+    assert "tags" in out["message"][1]
+    for i in (0, 2):
+        np.testing.assert_allclose(out["walked"][i], actor(batch([i]))["walked"][0], rtol=1e-4, atol=1e-5)
+        assert out["keys"][i].tolist() == [1 + tags[i].argmax()]
 
 
 # --------------------------------------------------------------------------- manifest rows

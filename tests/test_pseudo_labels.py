@@ -31,7 +31,7 @@ def test_walk_then_upsample_gives_scores_at_image_size(min_side):
     cams = torch.zeros(2, 45, 70)
     cams[0] = 1.0                                     # class 1 everywhere, class 2 nowhere
     config = replace(WalkConfig(t=16), min_side=min_side)
-    walked = walk_scores(net, image, cams, config)
+    [walked] = walk_scores(net, [image], [cams], config)
     grid = walk_size(45, 70, min_side)
     assert walked.shape == (3, -(-grid[0] // 8), -(-grid[1] // 8))
     scores = upsample_scores(walked, 45, 70, config)
@@ -69,10 +69,34 @@ def test_bf16_inference_gives_float32_scores_and_the_same_labels():
     config = WalkConfig(t=16)
     labels = {}
     for autocast in (None, torch.bfloat16):
-        _, tagged = tagged_cams(cam_net, image, np.array([1.0, 0.0, 1.0], np.float32),
-                                CamConfig(scales=(0.5, 1.0)), autocast)
-        walked = walk_scores(affinity_net, image, cams, config, autocast)
+        [(_, tagged)] = tagged_cams(cam_net, [image], [np.array([1.0, 0.0, 1.0], np.float32)],
+                                    CamConfig(scales=(0.5, 1.0)), autocast)
+        [walked] = walk_scores(affinity_net, [image], [cams], config, autocast)
         assert tagged.dtype == walked.dtype == torch.float32
         labels[autocast] = scores_to_labels(upsample_scores(walked, 128, 192, config), np.array([1, 3]))
     assert set(np.unique(labels[None])) == {0, 1, 3}
     assert (labels[None] == labels[torch.bfloat16]).mean() > 0.97
+
+
+def test_a_batch_of_mixed_sizes_gives_each_image_what_it_gets_alone():
+    """tagged_cams and walk_scores on three images (two of one size, sharing a forward pass, and
+    one other; different tags): each image's CAMs and walked scores equal those of a call on it
+    alone."""
+    from psa_ray.config import CamConfig
+    from psa_ray.ops.pseudo_labels import tagged_cams
+
+    torch.manual_seed(0)
+    cam_net = build_model("cam", "tiny", 3).eval()
+    affinity_net = build_model("affinity", "tiny", None).eval()
+    images = [torch.randn(3, 40, 56), torch.randn(3, 48, 40), torch.randn(3, 40, 56)]
+    tags = [np.array(t, np.float32) for t in ([1, 0, 1], [0, 1, 0], [1, 1, 1])]
+    cam_config, walk_config = CamConfig(scales=(0.5, 1.0)), WalkConfig(t=64, min_side=48)
+    batched = tagged_cams(cam_net, images, tags, cam_config)
+    walked = walk_scores(affinity_net, images, [cams for _, cams in batched], walk_config)
+    for image, image_tags, (keys, cams), scores in zip(images, tags, batched, walked):
+        [(keys_alone, cams_alone)] = tagged_cams(cam_net, [image], [image_tags], cam_config)
+        np.testing.assert_array_equal(keys, keys_alone)
+        torch.testing.assert_close(cams, cams_alone, rtol=1e-4, atol=1e-5)
+        [alone] = walk_scores(affinity_net, [image], [cams_alone], walk_config)
+        assert scores.shape == alone.shape == (len(keys) + 1, *[-(-s // 8) for s in walk_size(*image.shape[1:], 48)])
+        torch.testing.assert_close(scores, alone, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from psa_ray.ops.affinity import pair_offsets
-from psa_ray.ops.random_walk import chebyshev_coefficients, random_walk, transition_matrix
+from psa_ray.ops.random_walk import chebyshev_coefficients, random_walk, random_walk_many, transition_matrix
 
 
 def dense_affinity_matrix(affinities: torch.Tensor, beta: float) -> torch.Tensor:
@@ -134,6 +134,23 @@ def test_large_grid_stays_sparse_and_fast() -> None:
     assert walked.shape == cams.shape and torch.isfinite(walked).all()
 
 
+def test_images_of_different_sizes_walk_together_as_they_walk_alone() -> None:
+    """One block-diagonal walk over three grids and class counts: each image gets its own walk
+    (the dense one), with nothing leaking between images."""
+    shapes = [(2, 7, 5), (4, 3, 9), (1, 6, 6)]  # (channels, h, w)
+    affinities, cams = [], []
+    for n, (channels, height, width) in enumerate(shapes):
+        a, m = random_inputs(1, 3, channels, height, width, seed=10 + n)
+        affinities.append(a[0])
+        cams.append(m[0])
+    for t in (3, 256):
+        walked = random_walk_many(affinities, cams, 8.0, t)
+        for a, m, w in zip(affinities, cams, walked):
+            assert w.shape == m.shape
+            torch.testing.assert_close(w[None], dense_walk(a[None], m[None], 8.0, t), rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(w[None], random_walk(a[None], m[None], 8.0, t), rtol=1e-9, atol=1e-12)
+
+
 def test_rejects_bad_inputs() -> None:
     affinities, cams = random_inputs(1, 3, 2, 5, 6)
     with pytest.raises(ValueError, match="share"):
@@ -150,3 +167,9 @@ def test_rejects_bad_inputs() -> None:
         random_walk(affinities, cams, beta=0.0)
     with pytest.raises(ValueError, match="t must"):
         random_walk(affinities, cams, t=-1)
+    with pytest.raises(ValueError, match="share the"):
+        random_walk_many([affinities[0], affinities[0]], [cams[0], cams[0, :, :4]])
+    with pytest.raises(ValueError, match="at least one"):
+        random_walk_many([], [])
+    with pytest.raises(ValueError, match="one dtype"):
+        random_walk_many([affinities[0], affinities[0]], [cams[0], cams[0].float()])

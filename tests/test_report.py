@@ -1,7 +1,6 @@
 """Label-quality tooling: pictures (visualize, report), scoring folders (evaluate.py), predict.py."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -31,17 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = len(CLASS_NAMES)
 # VOC palette entries, from the devkit's bit pattern (index bits 0,1,2 -> MSB of R,G,B, ...).
 GREEN, GREY, IGNORE_COLOUR = (0, 128, 0), (128, 128, 128), (224, 224, 192)
-
-
-def _save_network(folder: str, kind: str, net: torch.nn.Module) -> str:
-    """Weights and meta.json as `fit` exports them; returns the weights path."""
-    weights = join(folder, "checkpoints", kind, "model.pt")
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    write_bytes(weights, buffer.getvalue())
-    meta = {"kind": kind, "backbone": "tiny", "num_classes": C, "class_names": list(CLASS_NAMES)}
-    write_bytes(join(folder, "checkpoints", kind, "meta.json"), json.dumps(meta).encode())
-    return weights
 
 
 def _find_block(picture: np.ndarray, block: np.ndarray, left: int) -> int | None:
@@ -96,13 +84,13 @@ def test_legend_lists_values_present_with_names_and_palette_colours():
 
 # --------------------------------------------------------------------------- report
 
-def test_write_report_draws_labeled_samples_and_an_index(tmp_path):
+def test_write_report_draws_labeled_samples_and_an_index(tmp_path, save_network):
     corpus_root, output = str(tmp_path / "corpus"), str(tmp_path / "out")
     corpus, _ = read_corpus(write_corpus(corpus_root, SyntheticConfig(num_images=4, seed=2)))
     rows = corpus_rows(corpus, join(corpus_root, "gt"))
     torch.manual_seed(0)
-    cam_w = _save_network(output, "cam", get_task("cam").build("tiny", C))
-    affinity_w = _save_network(output, "affinity", get_task("affinity").build("tiny", C))
+    cam_w = save_network(output, "cam", get_task("cam").build("tiny", C))
+    affinity_w = save_network(output, "affinity", get_task("affinity").build("tiny", C))
     # rows[0]: label = gt; rows[1]: no label (an error row); rows[2]: a label but an unreadable
     # image; rows[3]: a hand-made label. Three samples asked: rows 0, 2 and 3.
     labels = {}
@@ -224,7 +212,7 @@ def test_image_rows_from_a_manifest_without_tags(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_job_labels_a_folder_and_records_bad_images(ray_cluster, tmp_path):
+def test_predict_job_labels_a_folder_and_records_bad_images(ray_cluster, tmp_path, save_network):
     folder, output = str(tmp_path / "photos"), str(tmp_path / "predicted")
     rgb = np.random.default_rng(0).integers(0, 256, (40, 52, 3), np.uint8)
     write_bytes(join(folder, "one.png"), encode_png(rgb))
@@ -238,7 +226,7 @@ def test_predict_job_labels_a_folder_and_records_bad_images(ray_cluster, tmp_pat
             conv.weight.zero_()
             conv.bias.zero_()
         net.aspp[0].bias[2] = 5.0
-    checkpoint = _save_network(str(tmp_path / "run"), "deeplab", net)
+    checkpoint = save_network(str(tmp_path / "run"), "deeplab", net)
     cmd = [sys.executable, os.path.join(REPO, "jobs", "predict.py"), "--checkpoint", checkpoint,
            "--input", folder, "--output", output, "--preset", "demo"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}

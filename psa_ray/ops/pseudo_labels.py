@@ -1,10 +1,13 @@
-"""The method for one image, composed from the ops: CAMs -> seeds, and CAMs -> walk -> pseudo label.
+"""The method per image, composed from the ops: CAMs -> seeds, and CAMs -> walk -> pseudo label.
 
-Plain functions (no Ray). The pipeline's actors call them on each row; the sequential baseline
-in bench/ calls the same ones. Class maps are kept only for the image's tags: `keys` holds the
+Plain functions (no Ray). The network steps take a list of images (any sizes; images of one
+size share a forward pass, and one random walk serves them all): the pipeline's actors pass a
+batch, the sequential baseline in bench/ one image at a time. Class maps are kept only for the image's tags: `keys` holds the
 label values (1..C) of the kept maps, and score arrays stack background first, then `keys`.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,22 +18,38 @@ from psa_ray.config import CamConfig, CrfConfig, WalkConfig
 from psa_ray.ops.affinity import feature_affinities, seed_labels
 from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
 from psa_ray.ops.crf import dense_crf
-from psa_ray.ops.random_walk import random_walk
+from psa_ray.ops.random_walk import random_walk_many
 
 STRIDE = 8
 
 
-def tagged_cams(cam_net: nn.Module, image: torch.Tensor, tags: np.ndarray, config: CamConfig,
-                autocast: torch.dtype | None = None) -> tuple[np.ndarray, torch.Tensor]:
-    """image [3,H,W] normalised, tags [C] multi-hot -> (keys [n] int64 in 1..C, cams [n,H,W] in [0,1]).
+def same_shape_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of the tensors grouped by shape (first appearance order): each group can be stacked."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault(tuple(tensor.shape), []).append(i)
+    return list(groups.values())
 
-    `autocast`: the precision of the network's inference (None: float32), see `class_activation_maps`.
+
+def tagged_cams(cam_net: nn.Module, images: Sequence[torch.Tensor], tags: Sequence[np.ndarray],
+                config: CamConfig, autocast: torch.dtype | None = None) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """images[i] [3,H_i,W_i] normalised, tags[i] [C] multi-hot -> per image (keys [n] int64 in 1..C,
+    cams [n,H_i,W_i] in [0,1]).
+
+    Images of one size run through the network together. `autocast`: the precision of the
+    network's inference (None: float32), see `class_activation_maps`.
     """
-    tag_tensor = torch.as_tensor(np.asarray(tags), dtype=torch.float32, device=image.device)[None]
-    cams = class_activation_maps(cam_net, image[None], config.scales, config.flip, autocast)
-    cams = normalize_cams(cams, tag_tensor)[0]
-    present = torch.nonzero(tag_tensor[0] > 0).flatten()
-    return (present + 1).cpu().numpy().astype(np.int64), cams[present]
+    out: list[tuple[np.ndarray, torch.Tensor]] = [None] * len(images)  # type: ignore[list-item]
+    for group in same_shape_groups(images):
+        tag_tensor = torch.as_tensor(np.stack([np.asarray(tags[i]) for i in group]), dtype=torch.float32,
+                                     device=images[group[0]].device)
+        cams = class_activation_maps(cam_net, torch.stack([images[i] for i in group]), config.scales,
+                                     config.flip, autocast)
+        cams = normalize_cams(cams, tag_tensor)
+        for n, i in enumerate(group):
+            present = torch.nonzero(tag_tensor[n] > 0).flatten()
+            out[i] = ((present + 1).cpu().numpy().astype(np.int64), cams[n, present])
+    return out
 
 
 def scores_to_labels(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -69,29 +88,40 @@ def walk_size(height: int, width: int, min_side: int) -> tuple[int, int]:
     return round(height * scale), round(width * scale)
 
 
-def walk_scores(affinity_net: nn.Module, image: torch.Tensor, cams: torch.Tensor,
-                config: WalkConfig, autocast: torch.dtype | None = None) -> torch.Tensor:
-    """Stage D on the feature grid: image [3,H,W], cams [n,H,W] -> walked scores [n+1,h,w] float32.
+def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: Sequence[torch.Tensor],
+                config: WalkConfig, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Stage D on the feature grid: images[i] [3,H_i,W_i], cams[i] [n_i,H_i,W_i] -> walked scores
+    [n_i+1,h_i,w_i] float32 per image.
 
-    Image and CAMs are resized to `walk_size` and zero-padded to a multiple of the stride, the
-    scores (background (1 - max)^alpha first) are average-pooled to the stride-8 grid of
-    AffinityNet's features, and `random_walk` spreads them with T = D^-1 A^beta for t steps.
+    Each image and its CAMs are resized to `walk_size` and zero-padded to a multiple of the
+    stride, the scores (background (1 - max)^alpha first) are average-pooled to the stride-8 grid
+    of AffinityNet's features, and `random_walk_many` spreads them with T = D^-1 A^beta for t
+    steps, all images in one walk. Images of one walk size run through AffinityNet together.
     With `autocast` (e.g. torch.bfloat16) AffinityNet runs in that precision; the affinities
     and the walk are computed in float32.
     """
-    size = walk_size(*image.shape[-2:], config.min_side)
-    if size != tuple(image.shape[-2:]):
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        cams = F.interpolate(cams[None], size=size, mode="bilinear", align_corners=False)[0]
-    height, width = size
-    pad = (0, -width % STRIDE, 0, -height % STRIDE)
+    padded, scores = [], []
+    for image, image_cams in zip(images, cams):
+        size = walk_size(*image.shape[-2:], config.min_side)
+        if size != tuple(image.shape[-2:]):
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+            image_cams = F.interpolate(image_cams[None], size=size, mode="bilinear", align_corners=False)[0]
+        pad = (0, -size[1] % STRIDE, 0, -size[0] % STRIDE)
+        padded.append(F.pad(image, pad))
+        with torch.inference_mode():
+            background_first = with_background(image_cams[None], config.alpha)
+            scores.append(F.avg_pool2d(F.pad(background_first, pad), STRIDE, STRIDE)[0].float())
+    affinities: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
     with torch.inference_mode():
-        with torch.autocast(image.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            features = affinity_net(F.pad(image, pad)[None])
-        scores = F.avg_pool2d(F.pad(with_background(cams[None], config.alpha), pad), STRIDE, STRIDE)
-        scores = scores[..., : features.shape[-2], : features.shape[-1]]
-        affinities = feature_affinities(features.float(), config.radius)
-        return random_walk(affinities, scores.float(), config.beta, config.t)[0]
+        for group in same_shape_groups(padded):
+            with torch.autocast(padded[group[0]].device.type, dtype=autocast or torch.float32,
+                                enabled=autocast is not None):
+                features = affinity_net(torch.stack([padded[i] for i in group]))
+            grouped = feature_affinities(features.float(), config.radius)
+            for n, i in enumerate(group):
+                affinities[i] = grouped[n]
+        scores = [s[:, : a.shape[-2], : a.shape[-1]] for s, a in zip(scores, affinities)]
+        return random_walk_many(affinities, scores, config.beta, config.t)
 
 
 def upsample_scores(scores: torch.Tensor | np.ndarray, height: int, width: int,

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from psa_ray.ops.affinity import pair_offsets, pair_slices
@@ -115,6 +117,28 @@ def apply_power(transition: Tensor, state: Tensor, t: int, tolerance: float) -> 
     return result
 
 
+def block_diagonal(matrices: Sequence[Tensor]) -> Tensor:
+    """Square sparse CSR matrices [n_i, n_i] -> the CSR block-diagonal matrix [sum n_i, sum n_i]."""
+    sizes = [m.shape[0] for m in matrices]
+    entries = [m.values().numel() for m in matrices]
+    index_dtype = torch.int32 if sum(sizes) * 2 < 2**31 and sum(entries) < 2**31 else torch.int64
+    row_starts = [matrices[0].crow_indices()[:1].to(index_dtype)]
+    columns = []
+    for matrix, row_offset, entry_offset in zip(matrices, _offsets(sizes), _offsets(entries)):
+        row_starts.append(matrix.crow_indices()[1:].to(index_dtype) + entry_offset)
+        columns.append(matrix.col_indices().to(index_dtype) + row_offset)
+    values = torch.cat([m.values() for m in matrices])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(torch.cat(row_starts), torch.cat(columns), values,
+                                       (sum(sizes), sum(sizes)), check_invariants=False)
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    """Where each of consecutive parts of these sizes starts: [0, s0, s0 + s1, ...]."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
 def random_walk(affinities: Tensor, cams: Tensor, beta: float = 8.0, t: int = 256) -> Tensor:
     """affinities [B,K,h,w] (half-plane pairs, in [0, 1]), cams [B,C,h,w] -> T^t cams [B,C,h,w].
 
@@ -126,21 +150,50 @@ def random_walk(affinities: Tensor, cams: Tensor, beta: float = 8.0, t: int = 25
     if affinities.shape[0] != cams.shape[0] or affinities.shape[2:] != cams.shape[2:]:
         raise ValueError(f"affinities {tuple(affinities.shape)} and cams {tuple(cams.shape)} must "
                          f"share the batch size and the h x w grid")
-    if affinities.device != cams.device:
-        raise ValueError(f"affinities on {affinities.device} but cams on {cams.device}")
-    if not cams.is_floating_point():
-        raise ValueError(f"cams must be a floating point tensor, got {cams.dtype}")
+    return torch.stack(random_walk_many(list(affinities), list(cams), beta, t))
+
+
+def random_walk_many(affinities: Sequence[Tensor], cams: Sequence[Tensor], beta: float = 8.0,
+                     t: int = 256) -> list[Tensor]:
+    """Several images walked at once, each on its own grid: affinities[i] [K,h_i,w_i] (half-plane
+    pairs, in [0, 1]), cams[i] [C_i,h_i,w_i] -> T_i^t cams[i] [C_i,h_i,w_i].
+
+    One block-diagonal transition matrix holds every image's T_i, so the t products run once for
+    all of them (on a GPU, one kernel per product instead of one per image and product); the
+    images never mix. Runs on the inputs' device, in cams' dtype (float32 or float64).
+    """
+    if len(affinities) != len(cams) or not cams:
+        raise ValueError(f"need one affinity map per CAM stack and at least one image, got "
+                         f"{len(affinities)} and {len(cams)}")
+    for a, m in zip(affinities, cams):
+        if a.dim() != 3 or m.dim() != 3:
+            raise ValueError(f"each image's affinities must be [K,h,w] and cams [C,h,w] "
+                             f"(a batch: [B,K,h,w] and [B,C,h,w]), got shapes {tuple(a.shape)} and {tuple(m.shape)}")
+        if a.shape[1:] != m.shape[1:] or a.shape[0] != affinities[0].shape[0]:
+            raise ValueError(f"affinities {tuple(a.shape)} and cams {tuple(m.shape)} must share the "
+                             f"h x w grid, and every image the number of pairs")
+        if a.device != m.device or m.device != cams[0].device:
+            raise ValueError(f"affinities on {a.device} but cams on {m.device}: one device for all")
+        if not m.is_floating_point() or m.dtype != cams[0].dtype:
+            raise ValueError(f"cams must be floating point tensors of one dtype, got {m.dtype}")
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
     if t < 0:
         raise ValueError(f"t must be >= 0, got {t}")
-    batch, channels, height, width = cams.shape
-    transition = transition_matrix(affinities, beta, cams.dtype)
+    dtype, channels = cams[0].dtype, max(m.shape[0] for m in cams)
+    transition = block_diagonal([transition_matrix(a[None], beta, dtype) for a in affinities])
+    # Each image's maps as rows (pixels) x channels, zero-padded to the most channels: a zero map
+    # walks to zero.
+    state = torch.cat([F.pad(m.permute(1, 2, 0).reshape(-1, m.shape[0]), (0, channels - m.shape[0]))
+                       for m in cams])
     # The truncation error of each map is at most tolerance * sqrt(max_d / min_d * h * w) * max|M|,
-    # with max_d / min_d <= 2K + 1: keep it within eps * max|M|.
-    neighbourhood = 2 * affinities.shape[1] + 1
-    tolerance = torch.finfo(cams.dtype).eps / math.sqrt(neighbourhood * height * width)
-    state = cams.permute(0, 2, 3, 1).reshape(batch * height * width, channels).contiguous()
+    # with max_d / min_d <= 2K + 1: keep it within eps * max|M| for the largest grid.
+    neighbourhood = 2 * affinities[0].shape[0] + 1
+    pixels = max(m.shape[1] * m.shape[2] for m in cams)
+    tolerance = torch.finfo(dtype).eps / math.sqrt(neighbourhood * pixels)
     walked = apply_power(transition, state, t, tolerance)
-    return walked.reshape(batch, height, width, channels).permute(0, 3, 1, 2).clone(
-        memory_format=torch.contiguous_format)
+    out = []
+    for m, start in zip(cams, _offsets([m.shape[1] * m.shape[2] for m in cams])):
+        rows = walked[start: start + m.shape[1] * m.shape[2], : m.shape[0]]
+        out.append(rows.reshape(m.shape[1], m.shape[2], m.shape[0]).permute(2, 0, 1).contiguous())
+    return out

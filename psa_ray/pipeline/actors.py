@@ -49,6 +49,21 @@ def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[s
     return result
 
 
+def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]], list[dict[str, Any]]],
+              columns: dict[str, Any]) -> dict[str, Any]:
+    """`per_row` for an fn that handles several rows in one call (fn(rows) -> one dict per row).
+
+    All rows without an error go in one call; if it raises, each row is redone alone, so that
+    only the rows that fail by themselves become error rows.
+    """
+    rows = [i for i, error in enumerate(batch["error"]) if not error]
+    try:
+        done = dict(zip(rows, fn(rows))) if rows else {}
+    except Exception:  # noqa: BLE001 - find the bad rows one by one
+        return per_row(batch, stage, lambda i: fn([i])[0], columns)
+    return per_row(batch, stage, done.__getitem__, columns)
+
+
 def _objects(values: list) -> np.ndarray:
     array = np.empty(len(values), dtype=object)
     for i, value in enumerate(values):
@@ -57,7 +72,8 @@ def _objects(values: list) -> np.ndarray:
 
 
 class CamActor:
-    """GPU stage: multi-scale CAMs of the tagged classes (and, for stage D, the random walk)."""
+    """GPU stage: multi-scale CAMs of the tagged classes (and, for stage D, the random walk), the
+    whole batch at once (`per_batch`)."""
 
     def __init__(self, cam_weights: str, cam: CamConfig, affinity_weights: str | None = None,
                  walk: WalkConfig | None = None, keep_cams: bool = True, mixed_precision: bool = True):
@@ -67,14 +83,17 @@ class CamActor:
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
         self.cam, self.walk, self.keep_cams = cam, walk or WalkConfig(), keep_cams
 
-    def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-        image = to_tensor(batch["rgb"][i]).to(self.device)
-        keys, cams = tagged_cams(self.cam_net, image, batch["tags"][i], self.cam, self.autocast)
-        out: dict[str, Any] = {"keys": keys}
+    def _rows(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, Any]]:
+        images = [to_tensor(batch["rgb"][i]).to(self.device) for i in rows]
+        tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], self.cam, self.autocast)
+        out: list[dict[str, Any]] = [{"keys": keys} for keys, _ in tagged]
         if self.keep_cams:
-            out["cams"] = cams.cpu().numpy().astype(np.float16)
+            for row, (_, cams) in zip(out, tagged):
+                row["cams"] = cams.cpu().numpy().astype(np.float16)
         if self.affinity_net is not None:
-            out["walked"] = walk_scores(self.affinity_net, image, cams, self.walk, self.autocast).cpu().numpy()
+            walked = walk_scores(self.affinity_net, images, [cams for _, cams in tagged], self.walk, self.autocast)
+            for row, scores in zip(out, walked):
+                row["walked"] = scores.cpu().numpy()
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -83,8 +102,8 @@ class CamActor:
             columns["cams"] = np.zeros((0, 1, 1), np.float16)
         if self.affinity_net is not None:
             columns["walked"] = np.zeros((1, 1, 1), np.float32)
-        return per_row(batch, "cam" if self.affinity_net is None else "walk",
-                        lambda i: self._row(batch, i), columns)
+        return per_batch(batch, "cam" if self.affinity_net is None else "walk",
+                         lambda rows: self._rows(batch, rows), columns)
 
 
 class StageChain:

@@ -41,9 +41,9 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
     image = to_tensor(rgb).to(device)
     autocast = autocast_dtype(device, preset.pipeline.mixed_precision)
     with torch.inference_mode():
-        keys, cams = tagged_cams(cam_net, image, tags, preset.cam, autocast)
+        [(keys, cams)] = tagged_cams(cam_net, [image], [tags], preset.cam, autocast)
         cam_scores = with_background(cams[None], preset.walk.alpha)[0].cpu().numpy()
-        walked = walk_scores(affinity_net, image, cams, preset.walk, autocast).cpu().numpy()
+        walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()
     cam_label = scores_to_labels(cam_scores, keys)
     walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), keys)
     labels = [cam_label, walk_label, final] + ([gt] if gt is not None else [])
