@@ -11,7 +11,8 @@ in a fresh subprocess:
   timed per stage; with torch's default threads (the baseline) and, for reference, 1 thread;
 - parallel loops (the bound): one such loop per core, 1 thread each, over its slice of the rows,
   side by side: what any pipeline could reach here without overheads;
-- ray: `psa_ray.pipeline.labeling.label_stage` after `ray.init(num_cpus=k)`, in the layout this
+- ray: `psa_ray.pipeline.labeling.label_stage` after `ray.init(num_cpus=k)` in a process held
+  to k cores (Ray's processes inherit its CPU affinity), in the layout this
   cluster gets (CPU-only: decode -> chained CAM + walk + CRF actors, one per core -> label
   sink, which also writes the parquet shards; with GPUs: network actor pool -> CRF actor pool)
   and, on CPU-only machines, also in the two-pool layout with its GPU requests zeroed. The time
@@ -251,6 +252,9 @@ def run_in_subprocess(spec_path: str, kind: str, count: int, output: str) -> dic
 def worker(spec_path: str, kind: str, count: int, output: str) -> dict[str, Any]:
     spec = json.loads(read_bytes(spec_path))
     if kind.startswith("ray"):
+        cores = sorted(os.sched_getaffinity(0))
+        if count < len(cores):  # Ray with k CPUs on k cores: its processes inherit this affinity
+            os.sched_setaffinity(0, cores[:count])
         return ray_run(spec, count, output, two_pools=kind == "ray-two-pools")
     if count:
         torch.set_num_threads(count)
