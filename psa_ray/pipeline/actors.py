@@ -5,6 +5,7 @@ bad image never fails the dataset and every input row reaches the writer.
 """
 from __future__ import annotations
 
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -59,7 +60,9 @@ def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]]
     rows = [i for i, error in enumerate(batch["error"]) if not error]
     try:
         done = dict(zip(rows, fn(rows))) if rows else {}
-    except Exception:  # noqa: BLE001 - find the bad rows one by one
+    except Exception as e:  # noqa: BLE001 - find the bad rows one by one
+        print(f"[{stage}] a batch of {len(rows)} rows failed ({type(e).__name__}: {redact(str(e))[:200]}); "
+              f"redoing its rows one by one", file=sys.stderr)
         return per_row(batch, stage, lambda i: fn([i])[0], columns)
     return per_row(batch, stage, done.__getitem__, columns)
 
