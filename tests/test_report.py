@@ -21,7 +21,7 @@ from psa_ray.io.palette import colorize, decode_label_png, encode_label_png
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
 from psa_ray.ops.visualize import PAD, legend_entries, overlay, panel_grid
 from psa_ray.pipeline.labeling import corpus_rows
-from psa_ray.pipeline.predict import image_rows
+from psa_ray.pipeline.predict import image_rows, segment_probabilities
 from psa_ray.pipeline.report import DISPLAY_SIDE, write_report
 from psa_ray.pipeline.scoring import ScoringError, score_folders
 from psa_ray.train.tasks import get_task
@@ -212,6 +212,17 @@ def test_image_rows_from_a_manifest_without_tags(tmp_path):
 
 
 @pytest.mark.slow
+def test_segment_probabilities_of_a_batch_match_each_image_alone():
+    """Images of one size share a DeepLab forward pass; each still gets its own probabilities."""
+    torch.manual_seed(0)
+    net = get_task("deeplab").build("tiny", C).eval()
+    images = [torch.randn(3, 40, 56), torch.randn(3, 48, 40), torch.randn(3, 40, 56)]
+    for image, probs in zip(images, segment_probabilities(net, images)):
+        assert probs.shape == (C + 1, *image.shape[1:])
+        torch.testing.assert_close(probs, segment_probabilities(net, [image])[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(probs.sum(dim=0), torch.ones(image.shape[1:]))
+
+
 def test_predict_job_labels_a_folder_and_records_bad_images(ray_cluster, tmp_path, save_network):
     folder, output = str(tmp_path / "photos"), str(tmp_path / "predicted")
     rgb = np.random.default_rng(0).integers(0, 256, (40, 52, 3), np.uint8)

@@ -27,7 +27,8 @@ from psa_ray.io.manifest import MANIFEST_FORMATS, ManifestError, RowError, valid
 from psa_ray.io.images import resize_label
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, list_files, parent, read_bytes, redact
-from psa_ray.pipeline.actors import inference_device, per_row
+from psa_ray.ops.pseudo_labels import same_shape_groups
+from psa_ray.pipeline.actors import inference_device, per_batch
 from psa_ray.pipeline.readers import decoded_dataset
 from psa_ray.pipeline.writers import LabelSink, done_ids, error_table, read_tables, write_table
 from psa_ray.models.inference import autocast_dtype, load_trained, read_meta, to_tensor
@@ -36,20 +37,27 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 FOLDER_SEPARATOR = "__"  # stands for '/' in the ids of images in subfolders
 
 
-def segment_probabilities(model: torch.nn.Module, image: torch.Tensor,
-                          autocast: torch.dtype | None = None) -> torch.Tensor:
-    """image [3,H,W] normalised -> class probabilities [K,H,W] (float32): DeepLab's logits
-    upsampled bilinearly to the image size, as in training, then a softmax. `autocast`: the
-    precision of the network's inference (None: float32)."""
-    with torch.inference_mode(), torch.autocast(image.device.type, dtype=autocast or torch.float32,
-                                                enabled=autocast is not None):
-        logits = model(image[None])
-    logits = F.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-    return logits.softmax(dim=1)[0]
+def segment_probabilities(model: torch.nn.Module, images: Sequence[torch.Tensor],
+                          autocast: torch.dtype | None = None) -> list[torch.Tensor]:
+    """images[i] [3,H_i,W_i] normalised -> class probabilities [K,H_i,W_i] (float32) per image:
+    DeepLab's logits upsampled bilinearly to the image size, as in training, then a softmax.
+    Images of one size share a forward pass. `autocast`: the precision of the network's
+    inference (None: float32)."""
+    out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+    for group in same_shape_groups(images):
+        batch = torch.stack([images[i] for i in group])
+        with torch.inference_mode(), torch.autocast(batch.device.type, dtype=autocast or torch.float32,
+                                                    enabled=autocast is not None):
+            logits = model(batch)
+        logits = F.interpolate(logits.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)
+        for n, probs in zip(group, logits.softmax(dim=1)):
+            out[n] = probs
+    return out
 
 
 class SegmentActor:
-    """GPU stage: a trained DeepLab labels each decoded row (argmax at the image size)."""
+    """GPU stage: a trained DeepLab labels each decoded row (argmax at the image size), the whole
+    batch at once (`per_batch`)."""
 
     def __init__(self, checkpoint: str):
         self.device = inference_device()
@@ -57,9 +65,9 @@ class SegmentActor:
         self.autocast = autocast_dtype(self.device, mixed_precision=True)
         self.class_names = list(read_meta(checkpoint)["class_names"])
 
-    def _row(self, rgb: np.ndarray, height: int, width: int) -> dict[str, Any]:
-        """One image (maybe shrunk for processing) -> its label at the full `height` x `width`."""
-        probs = segment_probabilities(self.model, to_tensor(rgb).to(self.device), self.autocast)
+    def _label(self, probs: torch.Tensor, height: int, width: int) -> dict[str, Any]:
+        """Class probabilities [K,h,w] of an image (maybe shrunk for processing) -> its label at
+        the full `height` x `width`, with the shard's columns."""
         confidence, label = probs.max(dim=0)
         label = resize_label(label.to(torch.uint8).cpu().numpy(), height, width)
         counts = np.bincount(label.ravel(), minlength=probs.shape[0])
@@ -68,12 +76,17 @@ class SegmentActor:
                 "class_fractions": (counts / label.size).astype(np.float32),
                 "mean_confidence": float(confidence.mean()), "tag_names": "|".join(present)}
 
+    def _rows(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, Any]]:
+        probs = segment_probabilities(self.model, [to_tensor(batch["rgb"][i]).to(self.device) for i in rows],
+                                      self.autocast)
+        return [self._label(p, int(batch["orig_height"][i]), int(batch["orig_width"][i]))
+                for p, i in zip(probs, rows)]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         columns: dict[str, Any] = {"label_png": b"", "height": 0, "width": 0,
                                    "class_fractions": np.zeros(self.model.num_classes, np.float32),
                                    "mean_confidence": 0.0, "tag_names": ""}
-        out = per_row(batch, "predict", lambda i: self._row(batch["rgb"][i], int(batch["orig_height"][i]),
-                                                           int(batch["orig_width"][i])), columns)
+        out = per_batch(batch, "predict", lambda rows: self._rows(batch, rows), columns)
         return {k: out[k] for k in ["image_id", "image", "stage", "error", "message", *columns]}
 
 
