@@ -135,9 +135,9 @@ def test_large_grid_stays_sparse_and_fast() -> None:
 
 
 def test_images_of_different_sizes_walk_together_as_they_walk_alone() -> None:
-    """One block-diagonal walk over three grids and class counts: each image gets its own walk
-    (the dense one), with nothing leaking between images."""
-    shapes = [(2, 7, 5), (4, 3, 9), (1, 6, 6)]  # (channels, h, w)
+    """One block-diagonal walk over three grids and class counts (two images share one): each
+    image gets its own walk (the dense one), with nothing leaking between images."""
+    shapes = [(2, 7, 5), (4, 3, 9), (2, 7, 5), (1, 6, 6)]  # (channels, h, w)
     affinities, cams = [], []
     for n, (channels, height, width) in enumerate(shapes):
         a, m = random_inputs(1, 3, channels, height, width, seed=10 + n)

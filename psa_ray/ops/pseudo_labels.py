@@ -2,8 +2,9 @@
 
 Plain functions (no Ray). The network steps take a list of images (any sizes; images of one
 size share a forward pass, and one random walk serves them all): the pipeline's actors pass a
-batch, the sequential baseline in bench/ one image at a time. Class maps are kept only for the image's tags: `keys` holds the
-label values (1..C) of the kept maps, and score arrays stack background first, then `keys`.
+batch, the sequential baseline in bench/ one image at a time. Class maps are kept only for the
+image's tags: `keys` holds the label values (1..C) of the kept maps, and score arrays stack
+background first, then `keys`.
 """
 from __future__ import annotations
 
@@ -16,19 +17,12 @@ from torch import nn
 
 from psa_ray.config import CamConfig, CrfConfig, WalkConfig
 from psa_ray.ops.affinity import feature_affinities, seed_labels
+from psa_ray.ops.batches import same_shape_groups
 from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
 from psa_ray.ops.crf import dense_crf
 from psa_ray.ops.random_walk import random_walk_many
 
 STRIDE = 8
-
-
-def same_shape_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of the tensors grouped by shape (first appearance order): each group can be stacked."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault(tuple(tensor.shape), []).append(i)
-    return list(groups.values())
 
 
 def tagged_cams(cam_net: nn.Module, images: Sequence[torch.Tensor], tags: Sequence[np.ndarray],

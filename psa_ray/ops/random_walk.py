@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from psa_ray.ops.affinity import pair_offsets, pair_slices
+from psa_ray.ops.batches import same_shape_groups
 
 
 def radius_for_pairs(num_pairs: int) -> int:
@@ -158,17 +159,17 @@ def random_walk_many(affinities: Sequence[Tensor], cams: Sequence[Tensor], beta:
     """Several images walked at once, each on its own grid: affinities[i] [K,h_i,w_i] (half-plane
     pairs, in [0, 1]), cams[i] [C_i,h_i,w_i] -> T_i^t cams[i] [C_i,h_i,w_i].
 
-    One block-diagonal transition matrix holds every image's T_i, so the t products run once for
-    all of them (on a GPU, one kernel per product instead of one per image and product); the
-    images never mix. Runs on the inputs' device, in cams' dtype (float32 or float64).
+    One block-diagonal transition matrix holds every image's T_i (images of one grid build theirs
+    together), so the t products run once for all of them (on a GPU, one kernel per product
+    instead of one per image and product); the images never mix. Runs on the inputs' device, in cams' dtype (float32 or float64).
     """
     if len(affinities) != len(cams) or not cams:
         raise ValueError(f"need one affinity map per CAM stack and at least one image, got "
                          f"{len(affinities)} and {len(cams)}")
     for a, m in zip(affinities, cams):
         if a.dim() != 3 or m.dim() != 3:
-            raise ValueError(f"each image's affinities must be [K,h,w] and cams [C,h,w] "
-                             f"(a batch: [B,K,h,w] and [B,C,h,w]), got shapes {tuple(a.shape)} and {tuple(m.shape)}")
+            raise ValueError(f"each image's affinities must be [K,h,w] and cams [C,h,w] (a batch: "
+                             f"[B,K,h,w] and [B,C,h,w]), got shapes {tuple(a.shape)} and {tuple(m.shape)}")
         if a.shape[1:] != m.shape[1:] or a.shape[0] != affinities[0].shape[0]:
             raise ValueError(f"affinities {tuple(a.shape)} and cams {tuple(m.shape)} must share the "
                              f"h x w grid, and every image the number of pairs")
@@ -181,19 +182,25 @@ def random_walk_many(affinities: Sequence[Tensor], cams: Sequence[Tensor], beta:
     if t < 0:
         raise ValueError(f"t must be >= 0, got {t}")
     dtype, channels = cams[0].dtype, max(m.shape[0] for m in cams)
-    transition = block_diagonal([transition_matrix(a[None], beta, dtype) for a in affinities])
+    # Images of one grid get one (batched) transition matrix; the groups' matrices are stacked
+    # along the diagonal, so the rows hold the images in `order`.
+    groups = same_shape_groups(cams)
+    order = [i for group in groups for i in group]
+    transition = block_diagonal([transition_matrix(torch.stack([affinities[i] for i in group]), beta, dtype)
+                                 for group in groups])
     # Each image's maps as rows (pixels) x channels, zero-padded to the most channels: a zero map
     # walks to zero.
-    state = torch.cat([F.pad(m.permute(1, 2, 0).reshape(-1, m.shape[0]), (0, channels - m.shape[0]))
-                       for m in cams])
+    state = torch.cat([F.pad(cams[i].permute(1, 2, 0).reshape(-1, cams[i].shape[0]),
+                             (0, channels - cams[i].shape[0])) for i in order])
     # The truncation error of each map is at most tolerance * sqrt(max_d / min_d * h * w) * max|M|,
     # with max_d / min_d <= 2K + 1: keep it within eps * max|M| for the largest grid.
     neighbourhood = 2 * affinities[0].shape[0] + 1
-    pixels = max(m.shape[1] * m.shape[2] for m in cams)
-    tolerance = torch.finfo(dtype).eps / math.sqrt(neighbourhood * pixels)
+    pixels = [cams[i].shape[1] * cams[i].shape[2] for i in order]
+    tolerance = torch.finfo(dtype).eps / math.sqrt(neighbourhood * max(pixels))
     walked = apply_power(transition, state, t, tolerance)
-    out = []
-    for m, start in zip(cams, _offsets([m.shape[1] * m.shape[2] for m in cams])):
-        rows = walked[start: start + m.shape[1] * m.shape[2], : m.shape[0]]
-        out.append(rows.reshape(m.shape[1], m.shape[2], m.shape[0]).permute(2, 0, 1).contiguous())
+    out: list[Tensor] = [None] * len(cams)  # type: ignore[list-item]
+    for i, start, size in zip(order, _offsets(pixels), pixels):
+        channels_i, height, width = cams[i].shape
+        rows = walked[start: start + size, :channels_i]
+        out[i] = rows.reshape(height, width, channels_i).permute(2, 0, 1).contiguous()
     return out

@@ -27,7 +27,7 @@ from psa_ray.io.manifest import MANIFEST_FORMATS, ManifestError, RowError, valid
 from psa_ray.io.images import resize_label
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, list_files, parent, read_bytes, redact
-from psa_ray.ops.pseudo_labels import same_shape_groups
+from psa_ray.ops.batches import same_shape_groups
 from psa_ray.pipeline.actors import inference_device, per_batch
 from psa_ray.pipeline.readers import decoded_dataset
 from psa_ray.pipeline.writers import LabelSink, done_ids, error_table, read_tables, write_table
