@@ -21,7 +21,8 @@ from psa_ray.io.palette import colorize, decode_label_png, encode_label_png
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
 from psa_ray.ops.visualize import PAD, legend_entries, overlay, panel_grid
 from psa_ray.pipeline.labeling import corpus_rows
-from psa_ray.pipeline.predict import image_rows, segment_probabilities
+from psa_ray.ops.forward import segment_probabilities
+from psa_ray.pipeline.predict import image_rows
 from psa_ray.pipeline.report import DISPLAY_SIDE, write_report
 from psa_ray.pipeline.scoring import ScoringError, score_folders
 from psa_ray.train.tasks import get_task

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from psa_ray.ops.forward import precision
+
 NORM_EPS = 1e-5
 
 
@@ -31,8 +33,7 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
             scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             if flip:
                 scaled = torch.cat([scaled, scaled.flip(-1)])
-            with torch.autocast(images.device.type, dtype=autocast or torch.float32,
-                                enabled=autocast is not None):
+            with precision(images.device, autocast):
                 cams = model.cams(scaled).float()
             if flip:  # upsampling is linear and commutes with the flip, so add the pair first
                 cams = cams[:batch] + cams[batch:].flip(-1)

@@ -17,7 +17,7 @@ from torch import nn
 
 from psa_ray.config import CamConfig, CrfConfig, WalkConfig
 from psa_ray.ops.affinity import feature_affinities, seed_labels
-from psa_ray.ops.batches import same_shape_groups
+from psa_ray.ops.forward import precision, same_shape_groups
 from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
 from psa_ray.ops.crf import dense_crf
 from psa_ray.ops.random_walk import random_walk_many
@@ -108,8 +108,7 @@ def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: S
     affinities: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
     with torch.inference_mode():
         for group in same_shape_groups(padded):
-            with torch.autocast(padded[group[0]].device.type, dtype=autocast or torch.float32,
-                                enabled=autocast is not None):
+            with precision(padded[group[0]].device, autocast):
                 features = affinity_net(torch.stack([padded[i] for i in group]))
             grouped = feature_affinities(features.float(), config.radius)
             for n, i in enumerate(group):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from psa_ray.ops.affinity import pair_offsets, pair_slices
-from psa_ray.ops.batches import same_shape_groups
+from psa_ray.ops.forward import same_shape_groups
 
 
 def radius_for_pairs(num_pairs: int) -> int:

@@ -20,14 +20,13 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import ray
 import torch
-import torch.nn.functional as F
 
 from psa_ray.config import PipelineConfig
 from psa_ray.io.manifest import MANIFEST_FORMATS, ManifestError, RowError, validate_records
 from psa_ray.io.images import resize_label
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, list_files, parent, read_bytes, redact
-from psa_ray.ops.batches import same_shape_groups
+from psa_ray.ops.forward import segment_probabilities
 from psa_ray.pipeline.actors import inference_device, per_batch
 from psa_ray.pipeline.readers import decoded_dataset
 from psa_ray.pipeline.writers import LabelSink, done_ids, error_table, read_tables, write_table
@@ -35,24 +34,6 @@ from psa_ray.models.inference import autocast_dtype, load_trained, read_meta, to
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".avif")
 FOLDER_SEPARATOR = "__"  # stands for '/' in the ids of images in subfolders
-
-
-def segment_probabilities(model: torch.nn.Module, images: Sequence[torch.Tensor],
-                          autocast: torch.dtype | None = None) -> list[torch.Tensor]:
-    """images[i] [3,H_i,W_i] normalised -> class probabilities [K,H_i,W_i] (float32) per image:
-    DeepLab's logits upsampled bilinearly to the image size, as in training, then a softmax.
-    Images of one size share a forward pass. `autocast`: the precision of the network's
-    inference (None: float32)."""
-    out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
-    for group in same_shape_groups(images):
-        batch = torch.stack([images[i] for i in group])
-        with torch.inference_mode(), torch.autocast(batch.device.type, dtype=autocast or torch.float32,
-                                                    enabled=autocast is not None):
-            logits = model(batch)
-        logits = F.interpolate(logits.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)
-        for n, probs in zip(group, logits.softmax(dim=1)):
-            out[n] = probs
-    return out
 
 
 class SegmentActor:
