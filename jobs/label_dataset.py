@@ -11,10 +11,12 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psa_ray.config import PRESETS  # noqa: E402
+from psa_ray.io.storage import redact  # noqa: E402
 from psa_ray.models.backbones import BACKBONES  # noqa: E402
 from psa_ray.pipeline.labeling import LabelJob, metrics_table, run  # noqa: E402
 
@@ -73,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                    shard_rows=args.shard_rows, synthetic_images=args.synthetic_images,
                    train_workers=args.train_workers, epochs=args.epochs, use_gpu=args.use_gpu,
                    seed=args.seed)
-    summary = run(job)
+    try:
+        summary = run(job)
+    except Exception:  # the traceback without the credentials a library put in a message
+        print(redact(traceback.format_exc()), file=sys.stderr)
+        return 1
     print("\n=== psa_ray run", summary["run_id"], "===")
-    print(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2))
+    print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))
     if summary["metrics_full"]:
         print("\nIoU (%) against ground truth,", summary["metrics_full"]["images"], "images:")
         print(metrics_table(summary["metrics_full"]))

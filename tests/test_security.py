@@ -3,6 +3,7 @@ never reach error messages or error rows."""
 from __future__ import annotations
 
 import ast
+import json
 import io
 import os
 import pathlib
@@ -138,3 +139,66 @@ def test_storage_errors_are_redacted_in_error_rows(tmp_path, monkeypatch):
     for leaked in (KEY_ID, SECRET, TOKEN, "0f9e8d7c6b"):
         assert leaked not in message, message
     assert redact(message) == message
+
+
+# --------------------------------------------------------------------------- cluster credentials
+
+
+RAY_TOKEN = "7f3a9c1e5b2d4f608a1c3e5f7092b4d6e8f0a2c4b6d8e0f1a3c5e7f9b1d3f5a7"  # `ray get-auth-token` form
+
+
+def test_the_ray_token_is_redacted_wherever_the_process_holds_it(tmp_path, monkeypatch):
+    """KubeRay pods hold the token in RAY_AUTH_TOKEN, `ray up` nodes in ~/.ray/auth_token, others
+    in a RAY_AUTH_TOKEN_PATH file. 64 hex digits look like any hash, so only the value finds it:
+    a sha256 digest in the same text stays."""
+    digest = "9b74c9897bac770ffc029102a200c5de0c3b8cba1a47c4c8a7c6d8a3e5f0b1c2"
+    text = f"connect failed (token {RAY_TOKEN}); image sha256 {digest}"
+    for where in ("env", "path", "home"):
+        for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        if where == "env":
+            monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
+        elif where == "path":
+            (tmp_path / "token").write_text(RAY_TOKEN + "\n")
+            monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+        else:
+            (tmp_path / "home" / ".ray").mkdir(parents=True)
+            (tmp_path / "home" / ".ray" / "auth_token").write_text(RAY_TOKEN)
+        out = redact(text)
+        assert RAY_TOKEN not in out and digest in out, (where, out)
+    monkeypatch.setenv("HOME", str(tmp_path / "empty"))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert RAY_TOKEN in redact(text), "without the token at hand it is not recognised (the test can fail)"
+
+
+def test_credentials_in_headers_uris_and_runtime_envs_are_redacted(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    runtime_env = json.dumps({"working_dir": f"https://ci:{TOKEN[:20]}@git.example.com/psa/ray/main.zip",
+                              "env_vars": {"AWS_SECRET_ACCESS_KEY": "hunter2-not-base64",
+                                           "RAY_AUTH_TOKEN": "short-but-secret", "HF_TOKEN": "hf_abc123",
+                                           "DB_PASSWORD": "pw1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    lines = [f"runtime_env={runtime_env}",
+             "GET /api/jobs/ Authorization: Bearer tok-123.abc", "x-ray-authorization: Bearer tok-456",
+             "Authorization: Basic dXNlcjpwYXNzd29yZA==", "curl -H 'Bearer tok-789' http://head:8265",
+             "https://acct.blob.core.windows.net/c/w.pth?sv=2024-01-01&sig=AbC%2Fdef%3D",
+             "https://storage.googleapis.com/b/w.pth?X-Goog-Signature=0a1b2c3d&X-Goog-Date=20260101"]
+    out = redact("\n".join(lines))
+    for leaked in (TOKEN[:20], "hunter2-not-base64", "short-but-secret", "hf_abc123", "pw1", "tok-123.abc",
+                   "tok-456", "dXNlcjpwYXNzd29yZA==", "tok-789", "AbC%2Fdef%3D", "0a1b2c3d"):
+        assert leaked not in out, (leaked, out)
+    kept = ('"RAY_DATA_DISABLE_PROGRESS_BARS": "1"', "git.example.com/psa/ray/main.zip", "http://head:8265",
+            "sv=2024-01-01", "X-Goog-Date=20260101", "Authorization: Bearer ***")
+    assert all(k in out for k in kept), out
+
+
+def test_redaction_keeps_what_a_run_record_holds(tmp_path):
+    """Nothing in an ordinary run record looks like a credential (redact runs on run.json)."""
+    record = {"run_id": "3f2a9c1e5b2d", "output": "s3://my-bucket/psa-ray/run1",
+              "input": str(tmp_path / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt"),
+              "preset": {"cam": {"max_tokens": 5, "sort_key": "image_id", "crf_iterations": 10}},
+              "checkpoints": {"cam": "s3://my-bucket/psa-ray/run1/checkpoints/cam/model.pt"},
+              "versions": {"ray": "2.60.0", "torch": "2.14.1"},
+              "sha1": "3f786850e387550fdab836ed7e6dc881de23001b"}
+    text = json.dumps(record, indent=2)
+    assert redact(text) == text
