@@ -171,6 +171,12 @@ class LocalRayCluster:
         self.env.update(RAY_AUTH_MODE="disabled", HOME=home, RAY_DATA_DISABLE_PROGRESS_BARS="1")
         self.nodes: list[RayNode] = []
 
+    def use_token_auth(self, token: str) -> None:
+        """Nodes started from now on require `token` (Ray token authentication), set up as KubeRay's
+        `authOptions: {mode: token}` does: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in each node's
+        environment. Clients then need the token too (`env` holds it)."""
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+
     def start(self, num_cpus: int, head: RayNode | None = None,
               system_config: dict[str, Any] | None = None, job_server: bool = False) -> RayNode:
         """A head (head=None; system_config overrides Ray's internal settings; job_server: with
@@ -201,7 +207,7 @@ class LocalRayCluster:
                                  capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
         if node.job_server:
-            _wait_for_job_server(node.job_server)
+            _wait_for_job_server(node.job_server, self.env.get("RAY_AUTH_TOKEN"))
         return node
 
     def shutdown(self) -> None:
@@ -210,11 +216,13 @@ class LocalRayCluster:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
-def _wait_for_job_server(url: str, timeout_s: float = 60) -> None:
+def _wait_for_job_server(url: str, token: str | None = None, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(f"{url}/api/version",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as reply:
+            with urllib.request.urlopen(request, timeout=2) as reply:
                 if reply.status == 200:
                     return
         except OSError:

@@ -81,6 +81,9 @@ def _operator_errors(manifest: dict) -> list[str]:
     errors = [] if re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= max_len else [
         f"name {name!r}: a DNS-1035 label of at most {max_len} characters"]
     spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    if (spec.get("authOptions") or {}).get("mode") == "token" and \
+            tuple(int(v) for v in spec["rayVersion"].split(".")[:2]) < (2, 52):
+        errors.append("authOptions.mode token needs rayVersion >= 2.52.0")
     for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
         params = group.get("rayStartParams", {})
         if group.get("resources") and any(k in params for k in ("num-cpus", "num-gpus", "memory", "resources")):
@@ -125,6 +128,15 @@ def test_validation_rejects_broken_manifests(raycluster, rayjob):
     job["spec"]["shutdownAfterJobFinishes"] = "yes"
     assert any(e.startswith("spec.shutdownAfterJobFinishes:") for e in _schema_errors(job))
 
+    auth = copy.deepcopy(raycluster)
+    auth["spec"]["authOptions"] = {"mode": "on", "token": "x"}
+    errors = _schema_errors(auth)
+    assert any(e.startswith("spec.authOptions.mode: 'on' is not one of") for e in errors)
+    assert any("'token' was unexpected" in e for e in errors)
+    old_ray = copy.deepcopy(rayjob)
+    old_ray["spec"]["rayClusterSpec"]["rayVersion"] = "2.51.0"
+    assert "authOptions.mode token needs rayVersion >= 2.52.0" in _operator_errors(old_ray)
+
 
 def test_rayjob_runs_the_raycluster(raycluster, rayjob):
     """One cluster definition: the RayJob creates exactly the long-lived RayCluster's cluster."""
@@ -135,6 +147,141 @@ def test_rayjob_runs_the_raycluster(raycluster, rayjob):
     runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
     workdir = re.search(r"^WORKDIR\s+(\S+)", _read("infra", "docker", "Dockerfile"), re.M).group(1)
     assert runtime_env["working_dir"] == workdir, "the RayJob ships the image's code folder"
+
+
+# --- secure by default: token authentication, hardened pods, network policy ---------------------
+
+AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_K8S_TOKEN_AUTH"}
+
+
+def _pod_templates(manifest: dict) -> dict[str, dict]:
+    """{name: pod template} of every pod the manifest makes: head, worker groups, a RayJob's
+    submitter."""
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    pods = {"head": spec["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}}
+    if "submitterPodTemplate" in manifest["spec"]:
+        pods["submitter"] = manifest["spec"]["submitterPodTemplate"]
+    return pods
+
+
+def test_every_cluster_manifest_turns_token_authentication_on(raycluster, rayjob):
+    """KubeRay's authOptions (the operator then makes the token Secret and sets RAY_AUTH_MODE /
+    RAY_AUTH_TOKEN in every container); a container's own RAY_AUTH_* env would override it."""
+    for manifest in (raycluster, rayjob):
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        assert spec["authOptions"] == {"mode": "token"}, "the operator-made Secret (named after the cluster)"
+        for name, pod in _pod_templates(manifest).items():
+            for container in pod["spec"]["containers"]:
+                assert not AUTH_ENV & {e["name"] for e in container.get("env", [])}, (name, container["name"])
+        assert not AUTH_ENV & {e["name"] for e in spec["autoscalerOptions"].get("env", [])}
+
+    readme = _read("infra", "README.md")
+    secret = raycluster["metadata"]["name"]  # utils.CheckName(cluster name), key auth_token
+    assert f"kubectl get secret {secret} -o jsonpath='{{.data.auth_token}}' | base64 -d" in readme
+    assert "export RAY_AUTH_MODE=token" in readme and "RAY_AUTH_TOKEN=" in readme
+
+
+def test_cluster_launcher_nodes_require_the_token():
+    """`ray up` has no authOptions: each node starts Ray with RAY_AUTH_MODE=token and gets the
+    token file at the path Ray reads by default; the job API stays on the head's loopback."""
+    config = _load("infra", "aws", "cluster.yaml")
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        env_prefix = command.split("ray start")[0].split(";")[-1].split()
+        assert "RAY_AUTH_MODE=token" in env_prefix, command
+    home = "/home/ray"  # the image's user ray (infra/docker/Dockerfile)
+    assert config["file_mounts"] == {f"{home}/.ray/auth_token": "~/.ray/auth_token"}
+    head = shlex.split(next(c for c in starts if "--head" in c).split(";")[-1])
+    assert "--dashboard-host=127.0.0.1" in head
+
+
+def test_pods_run_unprivileged_on_a_read_only_root(raycluster, rayjob):
+    """Non-root, no privilege escalation, no capabilities, read-only root file system with /tmp
+    (Ray's temp dir) on an emptyDir; only the head (autoscaler) keeps a service account token."""
+    for manifest in (raycluster, rayjob):
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        for name, pod in _pod_templates(manifest).items():
+            pod_security = pod["spec"]["securityContext"]
+            assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0, name
+            assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}, name
+            assert pod["spec"].get("automountServiceAccountToken", True) is (name == "head"), name
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            containers = [(c["name"], c) for c in pod["spec"]["containers"]]
+            if name == "head":  # the operator adds the autoscaler container to the head pod
+                containers.append(("autoscaler", spec["autoscalerOptions"]))
+            for cname, container in containers:
+                security = container["securityContext"]
+                assert security["allowPrivilegeEscalation"] is False and not security.get("privileged"), cname
+                assert security["capabilities"]["drop"] == ["ALL"] and not security["capabilities"].get("add")
+                assert security["readOnlyRootFilesystem"] is True, cname
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                assert "emptyDir" in volumes[mounts["/tmp"]], f"{name}/{cname}: /tmp must be writable"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "the check below knows matchLabels only"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _admitted(policies: list[dict], pod: dict, port: int, source: dict) -> bool:
+    """Kubernetes NetworkPolicy semantics for TCP ingress to `pod` ({labels, ports: {name:
+    number}}) in the policies' namespace from `source` ({labels, namespace_labels, same_namespace})."""
+    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], pod["labels"])
+                 and "Ingress" in p["spec"]["policyTypes"]]
+    if not selecting:
+        return True  # a pod no policy selects is not isolated
+
+    def peer_matches(peer: dict) -> bool:
+        if "namespaceSelector" in peer:
+            in_namespace = _selects(peer["namespaceSelector"], source["namespace_labels"])
+        else:
+            in_namespace = source["same_namespace"]
+        return in_namespace and _selects(peer.get("podSelector", {}), source["labels"])
+
+    def port_matches(rule_port: dict) -> bool:
+        assert rule_port.get("protocol", "TCP") == "TCP"
+        value = rule_port["port"]
+        return (pod["ports"].get(value) if isinstance(value, str) else value) == port
+
+    return any((not rule.get("from") or any(peer_matches(p) for p in rule["from"]))
+               and (not rule.get("ports") or any(port_matches(p) for p in rule["ports"]))
+               for spec in selecting for rule in spec.get("ingress", []))
+
+
+def test_network_policy_admits_only_ray_pods_the_operator_and_clients(raycluster, rayjob):
+    with open(os.path.join(INFRA, "k8s", "networkpolicy.yaml")) as f:
+        policies = list(yaml.load_all(f, Loader=Loader))
+    assert {p["kind"] for p in policies} == {"NetworkPolicy"} and all(
+        p["apiVersion"] == "networking.k8s.io/v1" for p in policies)
+    pods = _pod_templates(rayjob)
+    head_container = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head = {"labels": {**pods["head"]["metadata"]["labels"], "ray.io/node-type": "head"},
+            "ports": {p["name"]: p["containerPort"] for p in head_container["ports"]}}
+    worker = {"labels": {**pods["gpu"]["metadata"]["labels"], "ray.io/node-type": "worker"}, "ports": {}}
+    assert _pod_templates(raycluster)["head"]["metadata"] == pods["head"]["metadata"]
+    namespace = {"kubernetes.io/metadata.name": "psa"}
+    ray_pod = {"labels": worker["labels"], "namespace_labels": namespace, "same_namespace": True}
+    submitter = {"labels": pods["submitter"]["metadata"]["labels"], "namespace_labels": namespace,
+                 "same_namespace": True}
+    operator = {"labels": {"app.kubernetes.io/name": "kuberay-operator"},
+                "namespace_labels": {"kubernetes.io/metadata.name": "ray-system"}, "same_namespace": False}
+    stranger = {"labels": {"app": "web"}, "namespace_labels": namespace, "same_namespace": True}
+    elsewhere = {**operator, "namespace_labels": {"kubernetes.io/metadata.name": "default"}}
+    gcs, job_api, client, agent = 6379, head["ports"]["dashboard"], head["ports"]["client"], 52365
+    assert job_api == 8265 and client == 10001 and head["ports"]["gcs-server"] == gcs
+
+    assert all(_admitted(policies, target, port, ray_pod) for target in (head, worker)
+               for port in (gcs, job_api, client, agent, 20000)), "Ray pods reach each other on every port"
+    assert [_admitted(policies, head, p, submitter) for p in (job_api, client, gcs, agent)] == [True, True, False, False]
+    assert not _admitted(policies, worker, agent, submitter)
+    assert [_admitted(policies, head, p, operator) for p in (job_api, client, gcs)] == [True, False, False]
+    for outsider in (stranger, elsewhere):
+        assert not any(_admitted(policies, target, port, outsider) for target in (head, worker)
+                       for port in (gcs, job_api, client, agent))
+    assert _admitted([], head, gcs, stranger), "the check can fail: no policy admits everything"
 
 
 # --- worker groups versus the pipeline's resource requests -------------------------------------
@@ -212,6 +359,7 @@ def test_one_ray_version_and_one_image(raycluster, rayjob):
 
     (image,) = _images(raycluster)
     assert _images(rayjob) == {image}
+    assert {c["image"] for c in rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"]} == {image}
     assert f"docker build -f infra/docker/Dockerfile -t {image} ." in _read("infra", "README.md")
     assert _load("infra", "aws", "cluster.yaml")["docker"]["image"].endswith("/" + image)
 
@@ -303,7 +451,8 @@ def _check_job_command(command: str) -> None:
 
 
 def test_documented_commands_parse(rayjob):
-    code_blocks = re.findall(r"^```[a-z]*\n(.*?)^```", _read("infra", "README.md"), re.M | re.S)
+    cluster_section = _read("README.md").split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    code_blocks = re.findall(r"^```[a-z]*\n(.*?)^```", _read("infra", "README.md") + cluster_section, re.M | re.S)
     readme = list(_commands("".join(code_blocks).splitlines()))
     launcher = list(_commands([line.lstrip("# ") for line in _read("infra", "aws", "cluster.yaml").splitlines()
                                if line.startswith("#")]))
