@@ -50,7 +50,7 @@ def _leaks(texts: dict[str, bytes], secret_values: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_label_job_through_ray_job_submit(local_ray_cluster, s3_server, tmp_path):
+def test_label_job_through_ray_job_submit(s3_server, local_ray_cluster):
     token = secrets.token_hex(32)  # the form `ray get-auth-token --generate` makes
     # Fresh random keys: fixed ones would also be found in the repository copy the job runs from.
     s3_keys = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
@@ -58,7 +58,7 @@ def test_label_job_through_ray_job_submit(local_ray_cluster, s3_server, tmp_path
     bucket = f"psa-secure-{secrets.token_hex(6)}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     local_ray_cluster.use_token_auth(token)
-    local_ray_cluster.env.update(s3_keys, AWS_ENDPOINT_URL=s3_server)
+    local_ray_cluster.env.update(s3_keys, AWS_ENDPOINT_URL=s3_server)  # as the Secret psa-ray-s3 does
     head = local_ray_cluster.start(num_cpus=2, job_server=True)
     out = f"s3://{bucket}/run"
     submit = [RAY, "job", "submit", "--address", head.job_server, "--working-dir", REPO, "--",
