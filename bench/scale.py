@@ -61,7 +61,7 @@ print(json.dumps({"first_decoded_s": time.perf_counter() - started}))
 
 def write_images(folder: Path, count: int = 8) -> list[tuple[str, list[str]]]:
     """count small synthetic images (IMAGE_SIDE px) as PNG; (relative path, tags) each."""
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
     config = SyntheticConfig(num_images=count, seed=0)
     out = []
     for i in range(count):

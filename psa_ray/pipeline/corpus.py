@@ -44,6 +44,9 @@ DUPLICATES_FILE = "manifest-duplicates.parquet"  # in errors/
 # Rows a manifest read task checks and hands on at a time (one Parquet file of rows/ each).
 BLOCK_ROWS = 8192
 KEY = "S16"  # numpy dtype of id keys
+# CPUs of a read or row-filter task: a whole one would wait behind the fractional actors of a
+# small cluster (and starve the writes).
+READ_CPUS = 0.5
 ROWS_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("tag_names", pa.string()),
                          ("row", pa.int64()), ("where", pa.string()), ("key", pa.binary(16))])
 
@@ -142,7 +145,7 @@ def _parquet_dataset(prefix: str, columns: list[str] | None = None, *,
     if not files:
         return None
     fs, _ = filesystem(prefix)
-    ds = ray.data.read_parquet([filesystem(f)[1] for f in files], filesystem=fs)
+    ds = ray.data.read_parquet([filesystem(f)[1] for f in files], filesystem=fs, num_cpus=READ_CPUS)
     return ds.select_columns(columns) if columns else ds
 
 
@@ -190,8 +193,8 @@ def committed_keys(tables: str, errors: str | None = None) -> Any:
         if ds is None:
             continue
         if "stage" in columns:
-            ds = ds.map_batches(_not_manifest, batch_format="pyarrow")
-        keys.append(collect_keys(ds.map_batches(_with_keys, batch_format="pyarrow"), table_rows(prefix)))
+            ds = ds.map_batches(_not_manifest, batch_format="pyarrow", num_cpus=READ_CPUS)
+        keys.append(collect_keys(ds.map_batches(_with_keys, batch_format="pyarrow", num_cpus=READ_CPUS), table_rows(prefix)))
     if not keys:
         return None
     merged = np.concatenate(keys)
@@ -217,7 +220,7 @@ def _duplicates(rows: ray.data.Dataset, keys: np.ndarray) -> tuple[list[RowError
     def candidates(batch: pa.Table) -> pa.Table:
         return batch.filter(pa.array(np.isin(_keys(batch), ray.get(ref))))
 
-    found = rows.map_batches(candidates, batch_format="pyarrow").take_all()
+    found = rows.map_batches(candidates, batch_format="pyarrow", num_cpus=READ_CPUS).take_all()
     found.sort(key=lambda r: r["row"])
     keeper: dict[str, str] = {}
     errors, losers = [], []
@@ -290,7 +293,8 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
         names = resolve_classes(classes, input_uri if parts[0].uri == input_uri else parts[0].uri)
         base = absolute_base(manifest_base(input_uri))
         # one block per read block (Ray would split a few parts' blocks to fill the cluster)
-        checked = ray.data.read_datasource(ManifestDatasource(parts, names, base), override_num_blocks=len(parts))
+        checked = ray.data.read_datasource(ManifestDatasource(parts, names, base), override_num_blocks=len(parts),
+                                           num_cpus=READ_CPUS)
         checked.write_datasink(CorpusSink(rows_uri))
     rows = _parquet_dataset(rows_uri, name_prefix="part-")
     if rows is None:
@@ -386,13 +390,13 @@ def corpus_dataset(index: CorpusIndex, *, sample: bool = False, exclude: Any = N
         losers = ray.put(read_table(index.duplicates_uri, columns=["row"]).column("row").to_numpy())
     threshold = bytes.fromhex(index.sample["threshold"]) if sample and index.sample.get("threshold") else None
     rows = _parquet_dataset(index.rows_uri, name_prefix="part-")
-    rows = rows.map_batches(_select, batch_format="pyarrow", fn_kwargs=dict(
+    rows = rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
         losers=losers, threshold=threshold, exclude=exclude, include=include))
-    return rows.map_batches(_pipeline_rows, batch_format="pyarrow",
+    return rows.map_batches(_pipeline_rows, batch_format="pyarrow", num_cpus=READ_CPUS,
                             fn_kwargs=dict(class_names=index.class_names, gt=gt))
 
 
 def select(rows: ray.data.Dataset, *, include: Any = None, exclude: Any = None) -> ray.data.Dataset:
     """Pipeline rows (with `key`) whose id is (include) or is not (exclude) among committed keys."""
-    return rows.map_batches(_select, batch_format="pyarrow", fn_kwargs=dict(
+    return rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
         losers=None, threshold=None, exclude=exclude, include=include))

@@ -23,7 +23,7 @@ from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, redact, write_bytes
 from psa_ray.ops.metrics import iou_per_class
 from psa_ray.pipeline.actors import CamActor, RefineActor, SeedActor, StageChain
-from psa_ray.pipeline.corpus import committed_keys, corpus_dataset, prepare_corpus
+from psa_ray.pipeline.corpus import READ_CPUS, committed_keys, corpus_dataset, prepare_corpus
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.readers import decoded_dataset, drop_failed
 from psa_ray.pipeline.writers import (
@@ -31,6 +31,9 @@ from psa_ray.pipeline.writers import (
 from psa_ray.models.inference import read_meta
 from psa_ray.train.loop import fit
 
+# A commit (one Parquet file per shard_rows rows) is light; asking for other CPUs than the file
+# writes keeps Ray from fusing the two, so label files land block by block, not per shard.
+COMMIT_CPUS = 0.1
 SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet (image_id)
 
 
@@ -182,7 +185,7 @@ def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, output:
                       (SeedActor, {"cam": preset.cam}), preset, has_gpu)
     ds = ds.map_batches(write_row_files, num_cpus=p.write_cpus,
                         fn_kwargs={"folder": join(output, "seeds"), "column": "png"})
-    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows), ray_remote_args={"num_cpus": p.write_cpus})
+    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})
 
 
 def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,
@@ -201,7 +204,7 @@ def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affini
                       preset, has_gpu)
     ds = ds.map_batches(write_row_files, num_cpus=p.write_cpus,
                         fn_kwargs={"folder": join(output, "labels"), "column": "label_png"})
-    ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": p.write_cpus})
+    ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})
 
 
 def check_classes(cam_weights: str, class_names: list[str]) -> None:
@@ -297,7 +300,7 @@ def run(job: LabelJob) -> dict[str, Any]:
               job.output, has_gpu)
         rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
         affinity_w = timed("train_affinity", train_stage, "affinity",
-                           rows.map_batches(_with_mask_uri, fn_kwargs={"folder": join(job.output, "seeds")}),
+                           rows.map_batches(_with_mask_uri, num_cpus=READ_CPUS, fn_kwargs={"folder": join(job.output, "seeds")}),
                            preset, names, job.output, {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
     done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
     skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
@@ -311,7 +314,7 @@ def run(job: LabelJob) -> dict[str, Any]:
     if job.train_segmentation:
         labeled = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, "shards")))
         deeplab_w = timed("train_deeplab", train_stage, "deeplab",
-                          labeled.map_batches(_with_mask_uri, fn_kwargs={"folder": join(job.output, "labels")}),
+                          labeled.map_batches(_with_mask_uri, num_cpus=READ_CPUS, fn_kwargs={"folder": join(job.output, "labels")}),
                           preset, names, job.output, {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
 
     labeled_count = table_rows(join(job.output, "shards"))
