@@ -48,6 +48,8 @@ class LabelJob:
     synthetic_images: int = 300
     train_workers: int | None = None
     epochs: int | None = None          # override every network's epochs (quick trials, tests)
+    crop_size: int | None = None       # override every network's training crop (quick trials, tests)
+    scales: tuple[float, ...] | None = None  # override the CAM scales (quick trials, tests)
     use_gpu: bool | None = None        # None: use GPUs if the cluster has them now
     seed: int = 0
 
@@ -62,6 +64,10 @@ def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
         overrides["num_workers"] = job.train_workers
     if job.epochs:
         overrides["epochs"] = job.epochs
+    if job.crop_size:
+        overrides["crop_size"] = job.crop_size
+    if job.scales:
+        preset = replace(preset, cam=replace(preset.cam, scales=tuple(job.scales)))
     return replace(preset,
                    cam_train=replace(preset.cam_train, backbone_weights=job.backbone_weights, **overrides),
                    affinity_train=replace(preset.affinity_train, **overrides),

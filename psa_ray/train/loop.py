@@ -63,7 +63,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     device = get_device()
 
-    model = task.build(config.backbone, loop_config["num_classes"])
+    model = task.build(config.backbone, loop_config["num_classes"], config.segmentation_head)
+    if config.freeze_pretrained and (config.backbone_weights or loop_config.get("init")):
+        model.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
     optimizer = make_optimizer(model, config)
     start_epoch, step, first_loss = 0, 0, None
     checkpoint = ray.train.get_checkpoint()

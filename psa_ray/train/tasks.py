@@ -21,10 +21,11 @@ class Task:
     uses_mask: bool
     loss: Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
 
-    def build(self, backbone: str, num_classes: int) -> nn.Module:
-        """The untrained network; `num_classes` counts foreground classes (DeepLab adds background)."""
+    def build(self, backbone: str, num_classes: int, head: str = "aspp") -> nn.Module:
+        """The untrained network; `num_classes` counts foreground classes (DeepLab adds background;
+        `head`: its segmentation head, see `models.networks.SEGMENTATION_HEADS`)."""
         if self.kind == "deeplab":
-            return build_model(self.kind, backbone, num_classes + 1)
+            return build_model(self.kind, backbone, num_classes + 1, head)
         return build_model(self.kind, backbone, num_classes if self.kind == "cam" else None)
 
 
@@ -37,7 +38,9 @@ def cam_loss(model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tens
 
 def make_affinity_loss(radius: int):
     def loss_fn(model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor]):
-        """Affinity loss on pairs within `radius` of the seed map, reduced to the feature grid."""
+        """Affinity loss on pairs within `radius` of the seeds [B,H,W]: hard seed maps of the crop
+        (nearest-sampled to the feature grid), or labels already on the grid (`augment`'s
+        psa rule on seed scores), for which the sampling is the identity."""
         features = model(images)
         seeds = F.interpolate(batch["mask"][:, None].float(), size=features.shape[-2:],
                               mode="nearest")[:, 0].long()
