@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psa_ray.config import TrainConfig
 from psa_ray.models.networks import build_model
 from psa_ray.ops.affinity import affinity_labels, affinity_loss, feature_affinities
 from psa_ray.train.augment import IGNORE
@@ -27,6 +28,12 @@ class Task:
         if self.kind == "deeplab":
             return build_model(self.kind, backbone, num_classes + 1, head)
         return build_model(self.kind, backbone, num_classes if self.kind == "cam" else None)
+
+
+def freezes_pretrained(config: TrainConfig, init: dict[str, Any] | None) -> bool:
+    """Whether a run freezes psa's layers (`freeze_pretrained` of the network): the config asks for
+    it and the backbone starts from weights (`backbone_weights`, or `init` from another network)."""
+    return config.freeze_pretrained and bool(config.backbone_weights or init)
 
 
 def cam_loss(model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor]):
