@@ -1,7 +1,10 @@
-"""One config dataclass per stage. Defaults are the paper's settings (Ahn & Kwak, CVPR 2018).
+"""One config dataclass per stage. Defaults are the `paper` preset: the recipe of jiwoon-ahn/psa,
+the reference code of the paper (Ahn & Kwak, CVPR 2018), where the code and the paper's text
+differ (alpha_high 32, not 24) and where the text is silent (crops, rates, frozen layers);
+README "Fidelity to the reference" lists every setting with psa's value and its source.
 
 `PRESETS["demo"]` shrinks what must shrink to label the built-in synthetic corpus on a 2-core
-CPU in minutes; everything not named there keeps the paper's value.
+CPU in minutes; everything not named there keeps the paper preset's value.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CrfConfig:
-    """Dense CRF (Kraehenbuehl & Koltun) as used by the paper for seeds and final labels."""
+    """Dense CRF (Kraehenbuehl & Koltun): psa's parameters for the seeds (tool/imutils.py
+    crf_inference); the paper, not psa's code, also refines the walked labels with a CRF, here
+    with the same parameters."""
 
     iterations: int = 10
     gaussian_sxy: float = 3.0
@@ -133,7 +138,7 @@ class Preset:
 
 def _demo_train(**kw: Any) -> TrainConfig:
     # No hue jitter: the synthetic classes differ by head hue (60 degrees apart), which the
-    # paper's hue jitter of 0.1 (36 degrees) would blur; photos' classes do not hang on hue.
+    # paper preset's hue jitter of 0.1 (36 degrees) would blur; photos' classes do not hang on hue.
     # From scratch (nothing frozen), ASPP head: the demo's behaviour before psa's recipe came in.
     base = dict(backbone="tiny", crop_size=128, resize_long=(112, 176), batch_size=16,
                 color_jitter=(0.3, 0.3, 0.3, 0.0), num_workers=1, mixed_precision=False,

@@ -66,10 +66,11 @@ def test_paper_preset_runs_end_to_end_from_pretrained_weights(backbone, ray_clus
     output = str(tmp_path / "out")
     summary = run(LabelJob(output=output, input=manifest, gt=str(tmp_path / "corpus" / "gt"), preset="paper",
                            backbone=backbone, backbone_weights=weights, epochs=1, crop_size=32,
-                           scales=(1.0,), train_workers=1))
+                           scales=(1.0,), train_workers=1, train_segmentation=backbone == "resnet50"))
 
     # every stage ran and every row is accounted for
-    assert set(summary["timings_s"]) >= {"train_cam", "seeds", "train_affinity", "labels"}
+    stages = {"train_cam", "seeds", "train_affinity", "labels"}
+    assert set(summary["timings_s"]) >= stages | ({"train_deeplab"} if backbone == "resnet50" else set())
     assert summary["counts"]["labeled"] == NUM_IMAGES and summary["counts"]["errors"] == 0
     ids = {u.rsplit("/", 1)[-1][:-4] for u in list_files(str(tmp_path / "corpus" / "images"), ".png")}
     assert sorted(read_tables(join(output, "shards")).column("image_id").to_pylist()) == sorted(ids)
@@ -103,3 +104,7 @@ def test_paper_preset_runs_end_to_end_from_pretrained_weights(backbone, ray_clus
         assert torch.equal(affinity[f"backbone.{k}"], loaded[k]), f"AffinityNet changed frozen {k}"
     assert np.mean([not torch.equal(cam[f"backbone.{k}"], loaded[k]) for k in trained]) > 0.9
     assert np.mean([not torch.equal(affinity[f"backbone.{k}"], cam[f"backbone.{k}"]) for k in trained]) > 0.9
+    if backbone == "resnet50":  # stage E: DeepLab-LargeFOV on the labels, started from the CAM net
+        deeplab = torch.load(join(output, "checkpoints", "deeplab", "model.pt"), weights_only=True)
+        assert deeplab["fc6.weight"].shape[:2] == (1024, 2048) and "fc8.bias" in deeplab
+        assert all(torch.equal(deeplab[f"backbone.{k}"], loaded[k]) for k in frozen)

@@ -14,7 +14,7 @@ from torch import nn
 
 from psa_ray.config import PRESETS, CamConfig, TrainConfig
 from psa_ray.io.palette import decode_label_png, encode_label_png
-from psa_ray.io.seeds import decode_seed, encode_seed_scores, quantize_scores
+from psa_ray.io.seeds import decode_seed, encode_seed_scores, quantize_scores, seed_score_classes
 from psa_ray.models.inference import load_trained, to_tensor
 from psa_ray.models.networks import DeepLab, DeepLabLargeFOV, build_model
 from psa_ray.ops.affinity import cell_seed_labels
@@ -295,7 +295,9 @@ def test_tagged_cams_resize_scales_as_the_config_says():
 def test_seed_scores_round_trip_and_labels_pass_through():
     rng = np.random.default_rng(5)
     low, high = rng.dirichlet([1, 1, 1], size=(6, 7)).transpose(2, 0, 1), rng.dirichlet([1, 1, 1], size=(6, 7)).transpose(2, 0, 1)
-    decoded = decode_seed(encode_seed_scores(low, high))
+    encoded = encode_seed_scores(low, high, np.array([3, 5]))
+    decoded = decode_seed(encoded)
+    assert seed_score_classes(encoded) == [3, 5]
     assert decoded.shape == (2, 3, 6, 7) and decoded.dtype == np.uint8
     assert np.array_equal(decoded, quantize_scores(np.stack([low, high])))
     assert np.abs(decoded.astype(float) / 255 - np.stack([low, high])).max() <= 0.5 / 255 + 1e-6
@@ -325,6 +327,7 @@ def test_stage_b_writes_crf_scores_for_the_paper_and_labels_for_the_demo(tmp_pat
     scores = decode_seed(bytes(out["png"][0]))
     low, high = seed_crf_scores(rgb, cams.astype(np.float32), PAPER.cam)
     assert np.array_equal(scores, quantize_scores(np.stack([low, high])))
+    assert seed_score_classes(bytes(out["png"][0])) == [2]
     assert (scores[0].argmax(0)[:, 20:] == 1).all() and (scores[1].argmax(0)[:, :20] == 0).all()
     demo = decode_label_png(bytes(SeedActor(DEMO.cam)(_stage_b_batch(rgb, cams))["png"][0]))
     assert demo.shape == (32, 40) and set(np.unique(demo).tolist()) <= {0, 2, 255}

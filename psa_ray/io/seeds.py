@@ -6,7 +6,8 @@
   and alpha_high, background first, then the image's tagged classes, as jiwoon-ahn/psa saves them
   (`infer_cls.py`, `la_crf`/`ha_crf`), quantised to uint8 (round(255 * p)). They are stored as one
   8-bit grey PNG of the 2 (n+1) maps stacked top to bottom (low maps, then high maps), with a
-  `psa_ray-seed-scores` text chunk holding `n+1`. Decoded as [2, n+1, H, W] uint8. A real pixel's
+  `psa_ray-seed-scores` text chunk holding `n+1` and `psa_ray-seed-classes` the label values
+  (1..C) of maps 1..n, comma-separated. Decoded as [2, n+1, H, W] uint8. A real pixel's
   maps sum to about 255 and are never all zero, so zeros left by crop padding stay recognisable.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from psa_ray.io.images import ImageDecodeError
 from psa_ray.io.palette import decode_label_png
 
 SCORES_KEY = "psa_ray-seed-scores"
+CLASSES_KEY = "psa_ray-seed-classes"
 
 
 def quantize_scores(scores: np.ndarray) -> np.ndarray:
@@ -27,15 +29,18 @@ def quantize_scores(scores: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(np.asarray(scores, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def encode_seed_scores(low: np.ndarray, high: np.ndarray) -> bytes:
-    """CRF scores low, high [n+1,H,W] in [0, 1] (background first) -> seed PNG bytes."""
-    low, high = np.asarray(low), np.asarray(high)
-    if low.ndim != 3 or low.shape != high.shape or low.shape[0] < 1:
-        raise ValueError(f"expected two [n+1,H,W] score arrays of one shape, got {low.shape} and {high.shape}")
+def encode_seed_scores(low: np.ndarray, high: np.ndarray, keys: np.ndarray) -> bytes:
+    """CRF scores low, high [n+1,H,W] in [0, 1] (background, then the classes `keys` [n]) ->
+    seed PNG bytes."""
+    low, high, keys = np.asarray(low), np.asarray(high), np.asarray(keys).ravel()
+    if low.ndim != 3 or low.shape != high.shape or low.shape[0] != len(keys) + 1:
+        raise ValueError(f"expected two [n+1,H,W] score arrays of one shape for {len(keys)} classes, "
+                         f"got {low.shape} and {high.shape}")
     channels, height, width = low.shape
     stacked = quantize_scores(np.concatenate([low, high])).reshape(2 * channels * height, width)
     info = PngImagePlugin.PngInfo()
     info.add_text(SCORES_KEY, str(channels))
+    info.add_text(CLASSES_KEY, ",".join(str(int(k)) for k in keys))
     out = io.BytesIO()
     Image.fromarray(stacked, mode="L").save(out, format="PNG", pnginfo=info)
     return out.getvalue()
@@ -60,6 +65,8 @@ def decode_seed(data: bytes) -> np.ndarray:
     return stacked.reshape(2, channels, image.height // (2 * channels), image.width)
 
 
-def seed_size(seed: np.ndarray) -> tuple[int, int]:
-    """(H, W) of a decoded seed (label map or scores)."""
-    return tuple(seed.shape[-2:])  # type: ignore[return-value]
+def seed_score_classes(data: bytes) -> list[int]:
+    """The label values (1..C) of maps 1..n of a seed-score PNG ([] for a label map)."""
+    image = Image.open(io.BytesIO(data), formats=("PNG",))
+    value = image.info.get(CLASSES_KEY, "")
+    return [int(k) for k in value.split(",") if k]

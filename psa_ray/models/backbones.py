@@ -75,7 +75,7 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNet38d(nn.Module):
-    """ResNet-38 (Wu et al., "Wider or Deeper", model A) with dilated last stages, as in the paper.
+    """ResNet-38 (Wu et al., "Wider or Deeper", model A) with dilated last stages, as in psa.
 
     conv1a (3x3, 64) -> b2 (x3, 128, /2) -> b3 (x3, 256, /4) -> b4 (x6, 512, /8) ->
     b5 (x3, 1024, dilation 2) -> b6 (bottleneck 2048, dilation 4, dropout 0.3) ->

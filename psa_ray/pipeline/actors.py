@@ -137,10 +137,10 @@ class SeedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         def row(i: int) -> dict[str, Any]:
-            rgb, cams = batch["rgb"][i], batch["cams"][i].astype(np.float32)
+            rgb, cams, keys = batch["rgb"][i], batch["cams"][i].astype(np.float32), batch["keys"][i]
             if self.cam.seed_scores:
-                return {"png": encode_seed_scores(*seed_crf_scores(rgb, cams, self.cam))}
-            return {"png": encode_label_png(seed_label(rgb, cams, batch["keys"][i], self.cam))}
+                return {"png": encode_seed_scores(*seed_crf_scores(rgb, cams, self.cam), keys)}
+            return {"png": encode_label_png(seed_label(rgb, cams, keys, self.cam))}
         out = per_row(batch, "seed", row, {"png": b""})
         return {k: out[k] for k in ("image_id", "png", "stage", "error", "message")}
 
