@@ -206,6 +206,8 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
     rows = {r["image_id"]: r for r in table.to_pylist()}  # a rerun may have re-evaluated an image
     metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": len(rows)}
     for variant in EVAL_VARIANTS:
+        if any(r.get(f"cm_{variant}") is None for r in rows.values()):
+            continue  # eval rows of an older run lack a newer variant (e.g. "psa")
         cm = sum(np.asarray(r[f"cm_{variant}"], np.int64).reshape(k, k) for r in rows.values())
         iou = iou_per_class(cm)
         metrics[variant] = {"miou": float(np.nanmean(iou)),
@@ -216,12 +218,13 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
 def metrics_table(metrics: dict[str, Any]) -> str:
     """The per-class IoU table (percent) printed at the end of a run."""
     names = metrics["class_names"]
+    variants = [v for v in EVAL_VARIANTS if v in metrics]
     width = max(len(n) for n in [*names, "mIoU"]) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{v:>9}" for v in EVAL_VARIANTS)]
+    lines = [f"{'class':<{width}}" + "".join(f"{v:>9}" for v in variants)]
     for i, name in enumerate(names):
-        cells = [metrics[v]["iou"][i] for v in EVAL_VARIANTS]
+        cells = [metrics[v]["iou"][i] for v in variants]
         lines.append(f"{name:<{width}}" + "".join("      n/a" if c is None else f"{100 * c:9.1f}" for c in cells))
-    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * metrics[v]['miou']:9.1f}" for v in EVAL_VARIANTS))
+    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * metrics[v]['miou']:9.1f}" for v in variants))
     return "\n".join(lines)
 
 
@@ -286,7 +289,7 @@ def run(job: LabelJob) -> dict[str, Any]:
                    "errors": 0 if errors is None else errors.num_rows, **counts},
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
-        "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS} if metrics else None,
+        "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS if v in metrics} if metrics else None,
     }
     write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record
