@@ -89,7 +89,8 @@ def test_paper_preset_runs_end_to_end_from_pretrained_weights(backbone, ray_clus
     preset = json.loads(read_bytes(join(output, "run.json")))["preset"]
     assert preset["cam_train"]["resize_long"] == [256, 512] and preset["cam_train"]["batch_size"] == 16
     assert preset["affinity_train"]["resize_long"] is None and preset["cam"]["seed_scores"]
-    assert preset["cam"]["resample"] == "pil_bicubic" and preset["deeplab_train"]["segmentation_head"] == "largefov"
+    assert preset["cam"]["resample"] == "pil_bicubic"
+    assert preset["deeplab_train"]["segmentation_head"] == "largefov"
 
     # BatchNorm and the stem were frozen in both networks; the rest of the backbone moved
     cam = torch.load(join(output, "checkpoints", "cam", "model.pt"), weights_only=True)

@@ -294,7 +294,7 @@ def test_tagged_cams_resize_scales_as_the_config_says():
 
 def test_seed_scores_round_trip_and_labels_pass_through():
     rng = np.random.default_rng(5)
-    low, high = rng.dirichlet([1, 1, 1], size=(6, 7)).transpose(2, 0, 1), rng.dirichlet([1, 1, 1], size=(6, 7)).transpose(2, 0, 1)
+    low, high = (rng.dirichlet([1, 1, 1], size=(6, 7)).transpose(2, 0, 1) for _ in range(2))
     encoded = encode_seed_scores(low, high, np.array([3, 5]))
     decoded = decode_seed(encoded)
     assert seed_score_classes(encoded) == [3, 5]
@@ -368,7 +368,8 @@ def test_psa_variant_scores_cams_with_a_constant_background(tmp_path):
 # ---- row 8: DeepLab-CRF-LargeFOV ------------------------------------------------------------------
 
 def test_paper_deeplab_is_largefov_and_round_trips(tmp_path):
-    assert PAPER.deeplab_train.segmentation_head == "largefov" and DEMO.deeplab_train.segmentation_head == "aspp"
+    assert PAPER.deeplab_train.segmentation_head == "largefov"
+    assert DEMO.deeplab_train.segmentation_head == "aspp"
     net = get_task("deeplab").build("tiny", 3, PAPER.deeplab_train.segmentation_head)
     assert isinstance(net, DeepLabLargeFOV) and isinstance(get_task("deeplab").build("tiny", 3), DeepLab)
     assert (net.fc6.kernel_size, net.fc6.dilation, net.fc6.out_channels) == ((3, 3), (12, 12), 1024)
