@@ -61,8 +61,10 @@ def test_paper_preset_runs_end_to_end_from_pretrained_weights(backbone, ray_clus
     weights = str(tmp_path / f"{backbone}_imagenet.pth")
     torch.save(state, weights)
     # The paper's Ray resource requests (whole CPUs per actor) are sized for clusters; on the
-    # test's 2-CPU Ray they would leave no CPU for the reads. psa's recipe is untouched.
-    monkeypatch.setitem(PRESETS, "paper", replace(PRESETS["paper"], pipeline=PRESETS["demo"].pipeline))
+    # test's 2-CPU Ray they would leave no CPU for the reads. One actor (each loads both
+    # networks, 0.4 GB each for ResNet-38) serves 4 images. psa's recipe is untouched.
+    pipeline = replace(PRESETS["demo"].pipeline, crf_pool=(1, 1))
+    monkeypatch.setitem(PRESETS, "paper", replace(PRESETS["paper"], pipeline=pipeline))
     output = str(tmp_path / "out")
     summary = run(LabelJob(output=output, input=manifest, gt=str(tmp_path / "corpus" / "gt"), preset="paper",
                            backbone=backbone, backbone_weights=weights, epochs=1, crop_size=32,
