@@ -203,6 +203,7 @@ def ray_run(spec: dict[str, Any], cpus: int, output: str, two_pools: bool = Fals
     from ray.data import DataContext
 
     from psa_ray.pipeline.labeling import label_stage
+    from psa_ray.pipeline.readers import rows_dataset
 
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -215,8 +216,9 @@ def ray_run(spec: dict[str, Any], cpus: int, output: str, two_pools: bool = Fals
     rows, stats = load_rows(spec), []
     with keeping_ray_data_stats(stats):
         start = time.perf_counter()
-        counts = label_stage(rows, preset, spec["cam_weights"], spec["affinity_weights"],
-                             len(spec["class_names"]), output, run_id="bench", has_gpu=has_gpu or two_pools)
+        label_stage(rows_dataset(rows), preset, spec["cam_weights"], spec["affinity_weights"],
+                    len(spec["class_names"]), output, run_id="bench", has_gpu=has_gpu or two_pools,
+                    evaluate=False)
     seconds = time.perf_counter() - start
     ray.shutdown()
     labeled = count_labels(output)
@@ -224,7 +226,7 @@ def ray_run(spec: dict[str, Any], cpus: int, output: str, two_pools: bool = Fals
     errors = read_tables(join(output, "errors"))
     return {"cpus": cpus, "layout": "two pools" if has_gpu or two_pools else "chained",
             "seconds": seconds, "ray_init_seconds": init_seconds, "images": len(rows),
-            "labeled": labeled, "images_per_s": labeled / seconds, "counts": counts, "has_gpu": has_gpu,
+            "labeled": labeled, "images_per_s": labeled / seconds, "has_gpu": has_gpu,
             "network_operator_seconds": busy, "steady_images_per_s": labeled / busy if busy else None,
             "error_rows": 0 if errors is None else errors.num_rows,
             "first_errors": [] if errors is None else errors.slice(0, 3).to_pylist(),

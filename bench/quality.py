@@ -35,6 +35,7 @@ from psa_ray.io.manifest import CorpusRow, read_corpus, write_classes, write_man
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
 from psa_ray.pipeline.labeling import (  # noqa: E402
     LabelJob, corpus_rows, evaluation, label_stage, resolve_preset, run, train_stage, with_masks)
+from psa_ray.pipeline.readers import rows_dataset  # noqa: E402
 from psa_ray.pipeline.predict import predict  # noqa: E402
 from psa_ray.pipeline.scoring import score_folders  # noqa: E402
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = corpus_rows(train_corpus, split["gt"])
     full_output = join(args.work, "full")
     masks = with_masks(train_rows, split["gt"])
-    full_w, _ = train_stage("deeplab", masks, preset, names, full_output,
+    full_w, _ = train_stage("deeplab", rows_dataset(masks), preset, names, full_output,
                             {"uri": cam_w, "backbone_only": True}, cpus_per_worker=0.5)
     deeplab = {"pseudo_labels": deeplab_on_val(summary["checkpoints"]["deeplab"], split,
                                                join(args.work, "val_pseudo"), preset.pipeline),
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for value in values:
             walk = replace(preset.walk, **{setting: value})
             output = join(args.work, f"ablation_{setting}_{value}")
-            label_stage(train_rows, replace(preset, walk=walk), cam_w, affinity_w, len(names), output,
-                        "ablation", has_gpu=False)
+            label_stage(rows_dataset(train_rows), replace(preset, walk=walk), cam_w, affinity_w, len(names),
+                        output, "ablation", has_gpu=False, evaluate=True)
             metrics = evaluation(output, names)
             ablations.append({"setting": setting, "value": value,
                               **{v: metrics[v]["miou"] for v in ("rw", "rw_crf")}})

@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--affinity-checkpoint", help="trained AffinityNet weights: skips seeds and training")
     p.add_argument("--train-segmentation", action="store_true",
                    help="then train DeepLab on the pseudo labels")
+    p.add_argument("--train-images", type=int, default=20000,
+                   help="the CAM network and AffinityNet train on this many images (the same "
+                        "sample for both, chosen by a digest of image_id), seeds are computed for "
+                        "them only; every image is labeled (PASCAL VOC trains on 10,582)")
+    p.add_argument("--shard-rows", type=int, help="rows per shards/*.parquet file (default 2048)")
     p.add_argument("--synthetic-images", type=int, default=300, help="size of the synthetic corpus")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per network")
     p.add_argument("--epochs", type=int, help="override every network's epochs (quick trials)")
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     job = LabelJob(output=args.output, input=args.input, classes=args.classes, gt=args.gt,
                    preset=args.preset, backbone=args.backbone, backbone_weights=args.backbone_weights,
                    cam_checkpoint=args.cam_checkpoint, affinity_checkpoint=args.affinity_checkpoint,
-                   train_segmentation=args.train_segmentation, synthetic_images=args.synthetic_images,
+                   train_segmentation=args.train_segmentation, train_images=args.train_images,
+                   shard_rows=args.shard_rows, synthetic_images=args.synthetic_images,
                    train_workers=args.train_workers, epochs=args.epochs, crop_size=args.crop_size,
                    scales=tuple(args.scales) if args.scales else None, use_gpu=args.use_gpu,
                    seed=args.seed)

@@ -118,6 +118,7 @@ class PipelineConfig:
     crf_actor_cpus: float = 1.0
     decode_cpus: float = 1.0
     write_cpus: float = 1.0               # a write task; under 1 lets writes overlap busy actors
+    shard_rows: int = 2048                # rows committed per shards/ (and index/seeds/) file
     mixed_precision: bool = True          # bf16 network inference where the device has native bf16
     gpu_pool: tuple[int, int] = (1, 8)    # (min, max) actors
     crf_pool: tuple[int, int] = (1, 32)

@@ -81,20 +81,25 @@ def test_driver_killed_in_stage_b_resumes_with_every_row_once(ray_cluster, train
     manifest, ids = _corpus(tmp_path, seed=11)
     out = str(tmp_path / "out")
     # A given CAM network: the job starts with stage B; the rerun then trains AffinityNet (1 epoch).
+    # Seeds are committed in index/seeds/ 16 at a time (--shard-rows).
     cmd = _job(manifest, out, "--cam-checkpoint", trained_checkpoints["cam"], "--epochs", "1",
-               "--train-workers", "1")
+               "--train-workers", "1", "--shard-rows", "16")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     seeds, log = os.path.join(out, "seeds"), str(tmp_path / "killed.log")
+    index = os.path.join(out, "index", "seeds")
+
+    def committed():
+        return read_tables(index, columns=["image_id"]) if os.path.isdir(index) else None
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            _wait_until(lambda: _ids(seeds), proc, "stage B wrote a seed", log, interval_s=0.05)
+            _wait_until(committed, proc, "stage B committed seeds", log, interval_s=0.05)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    at_kill = {i: os.stat(os.path.join(seeds, f"{i}.png")) for i in _ids(seeds)}
+    at_kill = {i: os.stat(os.path.join(seeds, f"{i}.png")) for i in committed().column("image_id").to_pylist()}
     assert 0 < len(at_kill) < NUM_IMAGES, "the kill should land during stage B"
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -106,7 +111,7 @@ def test_driver_killed_in_stage_b_resumes_with_every_row_once(ray_cluster, train
         image = Image.open(os.path.join(tmp_path, "corpus", "images", f"{image_id}.png"))
         assert seed.shape == (image.height, image.width)
         assert set(np.unique(seed).tolist()) <= VALID_LABELS
-    for image_id, stat in at_kill.items():  # the resumed stage B left finished seeds alone
+    for image_id, stat in at_kill.items():  # the resumed stage B left committed seeds alone
         again = os.stat(os.path.join(seeds, f"{image_id}.png"))
         assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     _assert_every_row_once(out, ids)

@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -66,36 +65,70 @@ def test_label_job_end_to_end_on_s3(ray_cluster, s3_bucket):
     _check_outputs(output, manifest, ids)
 
 
+def _small_corpus(root, num_rows: int) -> str:
+    """A manifest of num_rows distinct ids over 12 small (40 px) synthetic images: cheap to label."""
+    from psa_ray.io.manifest import CorpusRow, read_corpus, write_manifest
+
+    samples = read_corpus(write_corpus(str(root), SyntheticConfig(num_images=12, seed=9)))[0].rows
+    for sample in samples:
+        Image.open(sample.image).resize((40, 40), Image.Resampling.BILINEAR).save(sample.image)
+    rows = [CorpusRow(f"r{i:05d}", os.path.relpath(samples[i % 12].image, root), samples[i % 12].tags)
+            for i in range(num_rows)]
+    manifest = str(root / "big.parquet")
+    write_manifest(rows, manifest)
+    return manifest
+
+
 @pytest.mark.slow
-def test_job_killed_during_stage_d_resumes_without_duplicates(ray_cluster, trained_checkpoints, tmp_path):
-    num_images = 64  # 4 blocks of 16: a kill after the first written block lands mid-stage
-    manifest = write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=num_images, seed=9))
+def test_job_stopped_part_way_resumes_with_the_rest_without_listing_labels(
+        ray_cluster, trained_checkpoints, tmp_path, monkeypatch):
+    """A job killed in stage D after some shards were committed; the rerun labels only the rest,
+    commits every row exactly once, and never lists labels/ or seeds/ (the done rows come from
+    the committed tables)."""
+    import psa_ray
+    from psa_ray.pipeline.writers import table_rows
+
+    num_rows = 1500
+    manifest = _small_corpus(tmp_path / "corpus", num_rows)
     out = str(tmp_path / "out")
-    # Trained networks given: the job goes straight to stage D, where the kill lands.
-    cmd = [sys.executable, os.path.join(REPO, "jobs", "label_dataset.py"), "--input", manifest,
-           "--output", out, "--preset", "demo", "--cam-checkpoint", trained_checkpoints["cam"],
-           "--affinity-checkpoint", trained_checkpoints["affinity"]]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    labels = os.path.join(out, "labels")
+    job = ["--input", manifest, "--output", out, "--preset", "demo", "--shard-rows", "100",
+           "--cam-checkpoint", trained_checkpoints["cam"], "--affinity-checkpoint", trained_checkpoints["affinity"]]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "label_dataset.py"), *job],
+                            env={**os.environ, "RAY_ADDRESS": ray_cluster}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = os.path.join(out, "shards")
     deadline = time.time() + 300
-    while not (os.path.isdir(labels) and os.listdir(labels)):
-        assert proc.poll() is None, "job ended before stage D wrote a label"
+    while not (os.path.isdir(shards) and len(os.listdir(shards)) >= 2):
+        assert proc.poll() is None, "job ended before stage D committed two shards"
         assert time.time() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(os.listdir(labels))
-    assert 0 < partial < num_images, "the kill should land during stage D"
+    committed = table_rows(shards)
+    assert 0 < committed < num_rows, "the kill should land during stage D"
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ids = {f"syn_{i:06d}" for i in range(num_images)}
-    _check_outputs(out, manifest, ids)
-    shard_files = [os.path.join(out, "shards", f) for f in os.listdir(os.path.join(out, "shards"))]
-    total = sum(pq.read_metadata(f).num_rows for f in shard_files)
-    assert total == num_images, "no shard row written twice"
+    listed: list[str] = []
+
+    def listing(list_files):
+        def spy(prefix, *args, **kwargs):
+            listed.append(prefix)
+            return list_files(prefix, *args, **kwargs)
+        return spy
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(psa_ray.__name__) and hasattr(module, "list_files"):
+            monkeypatch.setattr(module, "list_files", listing(module.list_files))
+    summary = run(LabelJob(output=out, input=manifest, preset="demo", shard_rows=100,
+                           cam_checkpoint=trained_checkpoints["cam"],
+                           affinity_checkpoint=trained_checkpoints["affinity"]))
+    assert summary["counts"]["skipped"] == committed
+    assert summary["counts"]["processed"] == num_rows - committed
+    assert listed and not [p for p in listed if "/labels" in p or "/seeds" in p], listed
+
+    ids = read_tables(join(out, "shards"), columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == [f"r{i:05d}" for i in range(num_rows)], "every row in exactly one shard row"
+    assert len(os.listdir(join(out, "labels"))) == num_rows
+    assert read_tables(join(out, "errors")) is None
 
 
 @pytest.mark.slow
@@ -107,6 +140,8 @@ def test_gpu_and_cpu_layouts_of_stage_d_give_the_same_labels(ray_cluster, traine
     from psa_ray.config import PRESETS
     from psa_ray.io.manifest import read_corpus
     from psa_ray.pipeline.labeling import corpus_rows, label_stage
+    from psa_ray.pipeline.readers import rows_dataset
+    from psa_ray.pipeline.writers import table_rows
 
     corpus, _ = read_corpus(write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=6, seed=4)))
     preset = PRESETS["demo"]
@@ -114,10 +149,10 @@ def test_gpu_and_cpu_layouts_of_stage_d_give_the_same_labels(ray_cluster, traine
     labels = {}
     for has_gpu in (True, False):
         output = str(tmp_path / f"out_gpu_{has_gpu}")
-        counts = label_stage(corpus_rows(corpus, None), preset, trained_checkpoints["cam"],
-                             trained_checkpoints["affinity"], len(corpus.class_names), output, "run",
-                             has_gpu=has_gpu)
-        assert counts == {"skipped": 0, "processed": 6}
+        label_stage(rows_dataset(corpus_rows(corpus, None)), preset, trained_checkpoints["cam"],
+                    trained_checkpoints["affinity"], len(corpus.class_names), output, "run",
+                    has_gpu=has_gpu, evaluate=False)
+        assert table_rows(join(output, "shards")) == 6
         labels[has_gpu] = {u.rsplit("/", 1)[-1]: read_bytes(u)
                            for u in list_files(join(output, "labels"), suffix=".png")}
     assert len(labels[True]) == 6 and labels[True] == labels[False]

@@ -386,8 +386,8 @@ def test_paper_deeplab_is_largefov_and_round_trips(tmp_path):
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
 
 
-def test_metrics_of_a_run_resumed_over_older_eval_rows_leave_out_the_psa_variant(tmp_path):
-    """eval/ rows written before the `psa` variant existed: a resumed run still scores the others."""
+def test_metrics_of_a_run_resumed_over_older_eval_files_leave_out_the_psa_variant(tmp_path):
+    """eval/ files written before the `psa` variant existed: a resumed run still scores the others."""
     import pyarrow as pa
 
     from psa_ray.pipeline.labeling import evaluation, metrics_table
@@ -395,11 +395,11 @@ def test_metrics_of_a_run_resumed_over_older_eval_rows_leave_out_the_psa_variant
 
     cm = [3, 1, 0, 4]                              # 2 classes: gt rows, predictions columns
     before = ("cam", "cam_crf", "rw", "rw_crf")
-    old = pa.Table.from_pylist([{"image_id": "a", **{f"cm_{v}": cm for v in before}}])
-    new = pa.Table.from_pylist([{"image_id": "b", **{f"cm_{v}": cm for v in EVAL_VARIANTS}}])
-    write_table(str(tmp_path / "eval" / "old.parquet"), old)
-    write_table(str(tmp_path / "eval" / "new.parquet"), new)
+    for name, variants in (("old", before), ("new", EVAL_VARIANTS)):
+        write_table(str(tmp_path / "eval" / f"{name}.parquet"),
+                    pa.table({"images": [1], **{f"cm_{v}": [cm] for v in variants}}))
+        write_table(str(tmp_path / "shards" / f"{name}.parquet"), pa.table({"image_id": [name]}))
     metrics = evaluation(str(tmp_path), ["c"])
     assert "psa" not in metrics and metrics["images"] == 2
-    assert metrics["rw"]["iou"] == [6 / 8, 8 / 10]  # IoU = TP / (gt + pred - TP), cm summed over a, b
+    assert metrics["rw"]["iou"] == [6 / 8, 8 / 10]  # IoU = TP / (gt + pred - TP), summed matrices
     assert "psa" not in metrics_table(metrics) and "rw_crf" in metrics_table(metrics)

@@ -90,6 +90,7 @@ def _corpus_loss(task, model, root, corpus, size: int = 96) -> float:
 @pytest.mark.parametrize("kind", ["cam", "affinity", "deeplab"])
 def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_module):
     from psa_ray.pipeline.labeling import train_stage
+    from psa_ray.pipeline.readers import rows_dataset
 
     root, corpus = s3_corpus
     output = join(s3_bucket_module, f"run-{kind}")
@@ -98,7 +99,7 @@ def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_modu
     config = replace(getattr(PRESETS["demo"], f"{kind}_train"), crop_size=96, resize_long=(96, 128),
                      batch_size=8, epochs=8, num_workers=2)
     preset = replace(PRESETS["demo"], **{f"{kind}_train": config})
-    weights, metrics = train_stage(kind, _rows(root, corpus, kind != "cam"), preset,
+    weights, metrics = train_stage(kind, rows_dataset(_rows(root, corpus, kind != "cam")), preset,
                                    list(corpus.class_names), output, None, cpus_per_worker=0.5)
 
     assert weights == join(output, "checkpoints", kind, "model.pt")

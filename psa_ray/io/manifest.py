@@ -16,23 +16,27 @@ manifest as a whole raise ManifestError. Messages and error rows are redacted (`
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
 import io
 import json
 import os
 import posixpath
+import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, join, parent, read_bytes, redact,
-                                s3_bucket_and_key, write_bytes)
+from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, filesystem, join, list_files, parent,
+                                read_bytes, redact, s3_bucket_and_key, with_retries, write_bytes)
 
 MANIFEST_FORMATS = ("parquet", "jsonl", "csv")
 CSV_TAG_SEPARATOR = "|"
@@ -44,6 +48,7 @@ VOC_SPLITS = ("train", "val", "trainval")
 # Output names are `<image_id>.png`, written through a `.<name>.<32 hex>.tmp` file: 200 bytes keep
 # both under the usual 255-byte file name limit.
 MAX_ID_BYTES = 200
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("stage", pa.string()),
                           ("error", pa.string()), ("message", pa.string())])
@@ -76,7 +81,7 @@ class RowError:
 
 def _valid_utf8(text: str) -> str:
     """text with lone surrogates (possible in JSON) spelled out as `\\udxxx`: Parquet needs UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -168,6 +173,34 @@ def resolve_classes(classes: list[str] | str | None, manifest_uri: str,
 
 # --------------------------------------------------------------------------- manifest formats
 
+# A row's place in the corpus: file_index * ROW_STRIDE + its 0-based row (line) in the file. It
+# orders rows for "the first row with an id keeps it" across sharded manifests.
+ROW_STRIDE = 2**40
+
+
+@dataclass(frozen=True)
+class ManifestPart:
+    """A piece of a manifest that is read on its own: (a slice of) a Parquet row group or a whole
+    JSONL/CSV file.
+
+    first_row: the part's first row within its file (0-based); label: how messages name the file
+    ('' for a manifest of one file).
+    """
+
+    uri: str
+    fmt: str
+    file_index: int
+    first_row: int = 0
+    row_group: int | None = None  # Parquet: the row group holding the part, which starts at
+    group_start: int = 0          # this row of the file
+    num_rows: int | None = None   # None: to the end of the file / row group
+    label: str = ""
+
+
+# Parquet row groups larger than this are read as several parts (pyarrow writes 1Mi-row groups).
+PART_ROWS = 1 << 18
+
+
 def _format_of(uri: str) -> str | None:
     suffix = posixpath.splitext(uri.rstrip("/"))[1].lower().lstrip(".")
     return suffix if suffix in MANIFEST_FORMATS else None
@@ -180,13 +213,27 @@ def _require_columns(present: Sequence[str], uri: str) -> None:
                             f"(has: {', '.join(map(str, present)) or 'none'})")
 
 
-def _parquet_records(data: bytes, uri: str) -> list[dict[str, Any]]:
+def _open(uri: str, endpoint_url: str | None, random_access: bool = False) -> Any:
     try:
-        table = pq.read_table(io.BytesIO(data))
+        fs, path = filesystem(uri, endpoint_url)
+        return with_retries(lambda: fs.open_input_file(path) if random_access else fs.open_input_stream(path))
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {uri}") from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"manifest {uri} is unreadable: {e}") from None
+
+
+def _parquet_file(uri: str, endpoint_url: str | None) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(_open(uri, endpoint_url, random_access=True))
     except (pa.ArrowException, OSError) as e:
+        if isinstance(e, ManifestError):
+            raise
         raise ManifestError(f"manifest {uri} is not a readable Parquet file: {e}") from None
-    _require_columns(table.column_names, uri)
-    schema = table.schema
+
+
+def _check_parquet_schema(schema: pa.Schema, uri: str) -> None:
+    _require_columns(schema.names, uri)
     for name in ("image_id", "image"):
         if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
             raise ManifestError(f"manifest {uri}: column {name} must be string, "
@@ -195,36 +242,131 @@ def _parquet_records(data: bytes, uri: str) -> list[dict[str, Any]]:
     if not ((pa.types.is_list(tags) or pa.types.is_large_list(tags))
             and (pa.types.is_string(tags.value_type) or pa.types.is_large_string(tags.value_type))):
         raise ManifestError(f"manifest {uri}: column tags must be list<string>, got {tags}")
-    records = table.select(["image_id", "image", "tags"]).to_pylist()
-    return [dict(r, where=f"row {i}") for i, r in enumerate(records, 1)]
 
 
-def _jsonl_records(text: str, uri: str) -> tuple[list[dict[str, Any]], list[RowError]]:
-    records, errors = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+def _text_lines(uri: str, endpoint_url: str | None) -> Iterator[str]:
+    """The lines of a UTF-8 text file (newlines kept), read in 1 MiB pieces."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    pending = ""
+    with _open(uri, endpoint_url) as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            try:
+                text = pending + decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                raise ManifestError(f"manifest {uri} is not UTF-8 text") from None
+            lines = text.splitlines(keepends=True)
+            pending = lines.pop() if lines and not lines[-1].endswith(("\n", "\r")) and chunk else ""
+            yield from lines
+            if not chunk:
+                if pending:
+                    yield pending
+                return
+
+
+def _check_text_header(uri: str, fmt: str, endpoint_url: str | None) -> None:
+    """The required columns, from the CSV header or the first JSONL record that is an object."""
+    lines = _text_lines(uri, endpoint_url)
+    if fmt == "csv":
+        _require_columns(next(csv.reader(lines), []), uri)
+        return
+    for line in lines:
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            _require_columns(sorted(record), uri)
+            return
+
+
+def manifest_parts(uri: str, endpoint_url: str | None = None) -> list[ManifestPart]:
+    """The parts of a manifest file, or of a sharded manifest (a folder/prefix of files of one
+    format, read in name order). Checks each file's columns; raises ManifestError."""
+    fmt = _format_of(uri)
+    files = [uri]
+    if fmt is None:
+        fs, path = filesystem(uri, endpoint_url)
+        if with_retries(lambda: fs.get_file_info(path).type) != pafs.FileType.Directory:
+            raise ManifestError(f"{uri} is neither a manifest ({', '.join('.' + f for f in MANIFEST_FORMATS)}), "
+                                "a folder of manifest files, nor a PASCAL VOC 2012 folder "
+                                "(no ImageSets/Segmentation)")
+        listed = [f for f in list_files(uri, endpoint_url=endpoint_url) if _format_of(f)]
+        formats = sorted({_format_of(f) for f in listed})
+        if len(formats) != 1:
+            raise ManifestError(f"{uri} is neither a manifest ({', '.join('.' + f for f in MANIFEST_FORMATS)}) "
+                                "nor a folder of manifest files of one format"
+                                + (f" (it holds {', '.join(formats)})" if formats else ""))
+        fmt, files = formats[0], listed
+    parts: list[ManifestPart] = []
+    for index, file_uri in enumerate(files):
+        label = "" if len(files) == 1 else f"{posixpath.basename(file_uri)} "
+        if fmt == "parquet":
+            meta = _parquet_file(file_uri, endpoint_url)
+            _check_parquet_schema(meta.schema_arrow, file_uri)
+            start = 0
+            for group in range(meta.metadata.num_row_groups):
+                size = meta.metadata.row_group(group).num_rows
+                parts += [ManifestPart(file_uri, fmt, index, first, group, start, min(PART_ROWS, start + size - first),
+                                       label) for first in range(start, start + size, PART_ROWS)]
+                start += size
+        else:
+            _check_text_header(file_uri, fmt, endpoint_url)
+            parts.append(ManifestPart(file_uri, fmt, index, 0, None, label))
+    return parts
+
+
+def part_records(part: ManifestPart, batch_rows: int = 4096,
+                 endpoint_url: str | None = None) -> Iterator[list[dict[str, Any]]]:
+    """The raw records of a part, batch_rows at a time: dicts with image_id, image, tags (as the
+    file has them), `row` (ROW_STRIDE-based place in the corpus) and `where` (for messages)."""
+    base_row = part.file_index * ROW_STRIDE
+    if part.fmt == "parquet":
+        group = _parquet_file(part.uri, endpoint_url).read_row_group(part.row_group, ["image_id", "image", "tags"])
+        table = group.slice(part.first_row - part.group_start, part.num_rows)
+        row = part.first_row
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            records = batch.to_pylist()
+            for record in records:
+                row += 1
+                record.update(row=base_row + row - 1, where=f"{part.label}row {row}")
+            yield records
+        return
+    lines = _text_lines(part.uri, endpoint_url)
+    if part.fmt == "csv":
+        reader = csv.DictReader(lines)
+        records = []
+        for number, r in enumerate(reader, 1):
+            records.append({"image_id": r.get("image_id"), "image": r.get("image"),
+                            "tags": None if r.get("tags") is None else r["tags"].split(CSV_TAG_SEPARATOR),
+                            "row": base_row + number - 1, "where": f"{part.label}row {number}"})
+            if len(records) == batch_rows:
+                yield records
+                records = []
+        if records:
+            yield records
+        return
+    records = []
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        record = {"row": base_row + number - 1, "where": f"{part.label}line {number}"}
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            record = e.msg
-        if not isinstance(record, dict):
-            errors.append(RowError("", "", "manifest", "bad_row",
-                                   f"line {number} of {uri} is not a JSON object: {str(record)[:80]}"))
-            continue
-        records.append({"image_id": record.get("image_id"), "image": record.get("image"),
-                        "tags": record.get("tags"), "where": f"line {number}", "keys": record.keys()})
+            value = e.msg
+        if isinstance(value, dict):
+            record.update(image_id=value.get("image_id"), image=value.get("image"), tags=value.get("tags"))
+        else:
+            record.update(image_id=None, image=None, tags=None, rejected=RowError(
+                "", "", "manifest", "bad_row", f"line {number} of {part.uri} is not a JSON object: "
+                f"{str(value)[:80]}"))
+        records.append(record)
+        if len(records) == batch_rows:
+            yield records
+            records = []
     if records:
-        _require_columns(sorted(set().union(*(r.pop("keys") for r in records))), uri)
-    return records, errors
-
-
-def _csv_records(text: str, uri: str) -> list[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text))
-    _require_columns(reader.fieldnames or [], uri)
-    return [{"image_id": r["image_id"], "image": r["image"],
-             "tags": None if r["tags"] is None else r["tags"].split(CSV_TAG_SEPARATOR),
-             "where": f"row {i}"} for i, r in enumerate(reader, 1)]
+        yield records
 
 
 # --------------------------------------------------------------------------- row validation
@@ -243,7 +385,7 @@ def _id_problem(image_id: Any) -> str | None:
     for bad, what in (("/", "'/'"), ("\\", "'\\'"), ("..", "'..'")):
         if bad in image_id:
             return f"image_id {image_id!r} contains {what} (it becomes a file name)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in image_id):
+    if _CONTROL_CHARACTER.search(image_id):
         return f"image_id {image_id!r} contains a control character (it becomes a file name)"
     return None
 
@@ -273,7 +415,7 @@ def _resolve_image(image: Any, base: str) -> str:
         return os.path.normpath(image)
     if base.startswith(S3_SCHEME):
         return S3_SCHEME + posixpath.normpath(posixpath.join(base[len(S3_SCHEME):], image))
-    return os.path.abspath(os.path.join(base, image))
+    return os.path.normpath(os.path.join(base, image))
 
 
 def _clean_tags(tags: Any, known: set[str]) -> list[str]:
@@ -290,37 +432,68 @@ def _clean_tags(tags: Any, known: set[str]) -> list[str]:
     return names
 
 
-def validate_records(records: list[dict[str, Any]], class_names: list[str] | None,
-                     base: str) -> tuple[list[CorpusRow], list[RowError]]:
-    """Rows that pass every check, and one RowError for each record that does not.
+def check_record(record: dict[str, Any], class_names: list[str] | None, known: set[str],
+                 base: str) -> CorpusRow | RowError:
+    """One record (image_id, image, tags, where; see part_records) as a usable row or the reason
+    it is not; duplicate ids are not checked here (see `duplicate_problem`). base is absolute.
 
-    records: dicts with image_id, image, tags and `where` (e.g. "row 3"); class_names None
-    means untagged images (e.g. for prediction): tags are not read and come out empty.
+    class_names None means untagged images (e.g. for prediction): tags are not read and come out
+    empty.
     """
-    known = set(class_names or ())
+    if "rejected" in record:  # not a record at all (a JSONL line that is no object)
+        return record["rejected"]
+    raw_id, raw_image = record["image_id"], record["image"]
+    try:
+        problem = _id_problem(raw_id)
+        if problem:
+            raise _RowProblem("bad_id", problem)
+        if "problem" in record:  # found while reading it (VOC: its annotation)
+            raise record["problem"]
+        image = _resolve_image(raw_image, base)
+        tags = [] if class_names is None else _clean_tags(record["tags"], known)
+        return CorpusRow(raw_id.strip(), image, tags)
+    except _RowProblem as p:
+        return RowError("" if raw_id is None else str(raw_id), "" if raw_image is None else str(raw_image),
+                        "manifest", p.code, f"{record['where']}: {p}")
+
+
+def duplicate_error(row: CorpusRow, where: str, keeper_where: str) -> RowError:
+    """The error row of a usable row whose id an earlier row (at keeper_where) keeps."""
+    return RowError(row.image_id, row.image, "manifest", "duplicate_id",
+                    f"{where}: image_id {row.image_id!r} already used by an earlier row ({keeper_where})")
+
+
+def id_key(image_id: str) -> bytes:
+    """A 16-byte digest of an image id: the key of joins, duplicate checks and sampling."""
+    return hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
+
+
+def validate_records(records: Iterable[dict[str, Any]], class_names: list[str] | None,
+                     base: str) -> tuple[list[CorpusRow], list[RowError]]:
+    """Rows that pass every check, and one RowError for each record that does not (in order).
+
+    Of the rows that pass, the first with an id keeps it; later ones are `duplicate_id` errors.
+    """
+    known, base = set(class_names or ()), absolute_base(base)
     rows: list[CorpusRow] = []
     errors: list[RowError] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for record in records:
-        raw_id, raw_image = record["image_id"], record["image"]
-        try:
-            problem = _id_problem(raw_id)
-            if problem:
-                raise _RowProblem("bad_id", problem)
-            image_id = raw_id.strip()
-            if image_id in seen:
-                raise _RowProblem("duplicate_id", f"image_id {image_id!r} already used by an earlier row")
-            seen.add(image_id)
-            if "problem" in record:
-                raise record["problem"]
-            image = _resolve_image(raw_image, base)
-            tags = [] if class_names is None else _clean_tags(record["tags"], known)
-            rows.append(CorpusRow(image_id, image, tags))
-        except _RowProblem as p:
-            errors.append(RowError("" if raw_id is None else str(raw_id),
-                                   "" if raw_image is None else str(raw_image),
-                                   "manifest", p.code, f"{record['where']}: {p}"))
+        checked = check_record(record, class_names, known, base)
+        if isinstance(checked, CorpusRow):
+            if checked.image_id in seen:
+                checked = duplicate_error(checked, record["where"], seen[checked.image_id])
+            else:
+                seen[checked.image_id] = record["where"]
+                rows.append(checked)
+                continue
+        errors.append(checked)
     return rows, errors
+
+
+def absolute_base(base: str) -> str:
+    """A manifest's folder as images resolve against it (local folders made absolute)."""
+    return base if base.startswith(S3_SCHEME) else os.path.abspath(base)
 
 
 def _finish(rows: list[CorpusRow], errors: list[RowError], class_names: list[str],
@@ -328,36 +501,28 @@ def _finish(rows: list[CorpusRow], errors: list[RowError], class_names: list[str
     if not rows and not errors:
         raise ManifestError(f"no rows in {uri}")
     if not rows:
-        counts = ", ".join(f"{code}: {n}" for code, n in Counter(e.error for e in errors).most_common())
-        raise ManifestError(f"all {len(errors)} rows of {uri} were rejected ({counts}); "
-                            f"first: {errors[0].message}")
+        raise ManifestError(all_rejected_message(len(errors), Counter(e.error for e in errors),
+                                                 errors[0].message, uri))
     return Corpus(rows=rows, class_names=class_names), errors
+
+
+def all_rejected_message(count: int, codes: Counter, first: str, uri: str) -> str:
+    listed = ", ".join(f"{code}: {n}" for code, n in codes.most_common())
+    return f"all {count} rows of {uri} were rejected ({listed}); first: {first}"
 
 
 def _read_manifest(uri: str, classes: list[str] | str | None,
                    endpoint_url: str | None) -> tuple[Corpus, list[RowError]]:
-    fmt = _format_of(uri)
-    try:
-        data = read_bytes(uri, endpoint_url)
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {uri}") from None
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"manifest {uri} is unreadable: {e}") from None
-    errors: list[RowError] = []
-    if fmt == "parquet":
-        records = _parquet_records(data, uri)
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ManifestError(f"manifest {uri} is not UTF-8 text") from None
-        if fmt == "jsonl":
-            records, errors = _jsonl_records(text, uri)
-        else:
-            records = _csv_records(text, uri)
+    parts = manifest_parts(uri, endpoint_url)
     class_names = resolve_classes(classes, uri, endpoint_url)
-    rows, row_errors = validate_records(records, class_names, parent(uri))
-    return _finish(rows, errors + row_errors, class_names, uri)
+    records = (r for part in parts for batch in part_records(part, endpoint_url=endpoint_url) for r in batch)
+    rows, errors = validate_records(records, class_names, manifest_base(uri))
+    return _finish(rows, errors, class_names, uri)
+
+
+def manifest_base(uri: str) -> str:
+    """The folder that relative image paths of a manifest (file or folder of files) start from."""
+    return uri.rstrip("/") if _format_of(uri) is None else parent(uri)
 
 
 # --------------------------------------------------------------------------- PASCAL VOC 2012
@@ -419,16 +584,16 @@ def read_corpus(input_uri: str, *, classes: list[str] | str | None = None, split
                 endpoint_url: str | None = None) -> tuple[Corpus, list[RowError]]:
     """The usable rows of a manifest file or a VOC 2012 folder, and the rejected ones.
 
+    A manifest is a file or a folder/prefix of manifest files of one format (a sharded
+    manifest). Everything is read into memory: the labeling job streams manifests through Ray
+    Data instead (`psa_ray.pipeline.corpus`), with the same parser and checks.
     classes: manifests only (see resolve_classes). split: VOC only, "train", "val", "trainval"
     or the path/URI of an id list. Raises ManifestError for problems with the whole input.
     """
-    if _format_of(input_uri):
-        return _read_manifest(input_uri, classes, endpoint_url)
-    root = voc_root(input_uri, endpoint_url)
-    if root is None:
-        raise ManifestError(f"{input_uri} is neither a manifest ({', '.join('.' + f for f in MANIFEST_FORMATS)}) "
-                            "nor a PASCAL VOC 2012 folder (no ImageSets/Segmentation)")
-    return _read_voc(root, split, classes, endpoint_url)
+    root = None if _format_of(input_uri) else voc_root(input_uri, endpoint_url)
+    if root is not None:
+        return _read_voc(root, split, classes, endpoint_url)
+    return _read_manifest(input_uri, classes, endpoint_url)
 
 
 def write_manifest(corpus_rows: Sequence[CorpusRow], uri: str, format: str | None = None,

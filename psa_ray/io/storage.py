@@ -222,6 +222,16 @@ def delete(uri: str, endpoint_url: str | None = None) -> None:
     with_retries(lambda: fs.delete_file(path))
 
 
+def remove_tree(uri: str, endpoint_url: str | None = None) -> None:
+    """Delete a folder/prefix and everything under it (nothing if it is not there)."""
+    fs, path = filesystem(uri, endpoint_url)
+    info = with_retries(lambda: fs.get_file_info(path))
+    if info.type == pafs.FileType.Directory:
+        with_retries(lambda: fs.delete_dir(path))
+    elif info.type == pafs.FileType.File:
+        with_retries(lambda: fs.delete_file(path))
+
+
 def absolute(uri: str | None) -> str | None:
     """A local path made absolute (Ray workers run in other folders); URIs and None unchanged."""
     return uri if uri is None or "://" in uri else os.path.abspath(uri)

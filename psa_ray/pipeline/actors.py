@@ -145,6 +145,14 @@ class SeedActor:
         return {k: out[k] for k in ("image_id", "png", "stage", "error", "message")}
 
 
+def ground_truth(uri: str) -> np.ndarray | None:
+    """The ground-truth label at uri; None where there is none (no uri, or no such file)."""
+    try:
+        return decode_label_png(read_bytes(uri)) if uri else None
+    except FileNotFoundError:
+        return None
+
+
 class RefineActor:
     """CPU stage D: dense CRF on the walked scores -> pseudo label, shard columns, evaluation."""
 
@@ -164,8 +172,8 @@ class RefineActor:
             "class_fractions": (counts / label.size).astype(np.float32),
             "mean_confidence": float(probs.max(axis=0).mean()),
         }
-        if self.evaluate and batch["gt_uri"][i]:
-            gt = decode_label_png(read_bytes(str(batch["gt_uri"][i])))
+        gt = ground_truth(str(batch["gt_uri"][i])) if self.evaluate else None
+        if gt is not None:
             if gt.shape != label.shape:
                 raise ValueError(f"ground truth {gt.shape} does not match image {label.shape}")
             cams_t = torch.from_numpy(batch["cams"][i].astype(np.float32))[None]

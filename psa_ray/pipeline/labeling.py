@@ -19,16 +19,19 @@ import torch
 
 from psa_ray.config import PRESETS, Preset, to_dict
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus
-from psa_ray.io.manifest import Corpus, read_corpus
+from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, redact, write_bytes
 from psa_ray.ops.metrics import iou_per_class
 from psa_ray.pipeline.actors import CamActor, RefineActor, SeedActor, StageChain
+from psa_ray.pipeline.corpus import committed_keys, corpus_dataset, prepare_corpus
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.readers import decoded_dataset, drop_failed
 from psa_ray.pipeline.writers import (
-    EVAL_VARIANTS, LabelSink, PngSink, done_ids, error_table, read_tables, write_table)
+    EVAL_VARIANTS, IndexSink, LabelSink, read_table, table_rows, write_row_files)
 from psa_ray.models.inference import read_meta
 from psa_ray.train.loop import fit
+
+SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet (image_id)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class LabelJob:
     cam_checkpoint: str | None = None
     affinity_checkpoint: str | None = None
     train_segmentation: bool = False
+    train_images: int = 20000          # the networks train on this many images (a sample by id digest)
+    shard_rows: int | None = None      # rows per shards/ file (default: the preset's)
     synthetic_images: int = 300
     train_workers: int | None = None
     epochs: int | None = None          # override every network's epochs (quick trials, tests)
@@ -68,6 +73,8 @@ def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
         overrides["crop_size"] = job.crop_size
     if job.scales:
         preset = replace(preset, cam=replace(preset.cam, scales=tuple(job.scales)))
+    if job.shard_rows:
+        preset = replace(preset, pipeline=replace(preset.pipeline, shard_rows=job.shard_rows))
     return replace(preset,
                    cam_train=replace(preset.cam_train, backbone_weights=job.backbone_weights, **overrides),
                    affinity_train=replace(preset.affinity_train, **overrides),
@@ -83,21 +90,23 @@ def cluster_shape(use_gpu: bool | None) -> tuple[bool, bool]:
 
 
 def corpus_rows(corpus: Corpus, gt: str | None) -> list[dict[str, Any]]:
-    """Corpus rows as pipeline rows: multi-hot `tags`, `tag_names` ('|'-joined, as in CSV
-    manifests: a flat string column keeps Ray's blocks in Arrow), and `gt_uri` ('' if none)."""
-    gt_files = set(list_files(gt, suffix=".png")) if gt else set()
-    rows = []
-    for row in corpus.rows:
-        gt_uri = join(gt, f"{row.image_id}.png") if gt else ""
-        rows.append({"image_id": row.image_id, "image": row.image, "tag_names": "|".join(row.tags),
-                     "tags": corpus.tag_vector(row), "gt_uri": gt_uri if gt_uri in gt_files else ""})
-    return rows
+    """A small in-memory corpus (tests, benchmarks, the train_* CLIs) as pipeline rows, the
+    columns of `corpus.corpus_dataset`: multi-hot `tags`, `tag_names` ('|'-joined) and `gt_uri`
+    (`<gt>/<image_id>.png`, '' without gt; a missing file means no ground truth)."""
+    return [{"image_id": row.image_id, "image": row.image, "tag_names": "|".join(row.tags),
+             "tags": corpus.tag_vector(row), "gt_uri": join(gt, f"{row.image_id}.png") if gt else ""}
+            for row in corpus.rows]
 
 
 def with_masks(rows: list[dict[str, Any]], folder: str) -> list[dict[str, Any]]:
-    """The rows that have `<folder>/<image_id>.png` (seeds, labels or true masks), with `mask_uri`."""
+    """The rows that have `<folder>/<image_id>.png` (seeds, labels or true masks), with `mask_uri`
+    (small in-memory corpora; the labeling job looks masks up in committed tables instead)."""
     have = set(list_files(folder, suffix=".png"))
     return [{**r, "mask_uri": uri} for r in rows if (uri := join(folder, f"{r['image_id']}.png")) in have]
+
+
+def _with_mask_uri(batch: dict[str, np.ndarray], *, folder: str) -> dict[str, np.ndarray]:
+    return {**batch, "mask_uri": np.array([join(folder, f"{i}.png") for i in batch["image_id"]], dtype=object)}
 
 
 def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -133,11 +142,18 @@ def actor_stages(ds: ray.data.Dataset, network_stage: tuple[type, dict[str, Any]
                           num_cpus=p.crf_actor_cpus)
 
 
-def train_stage(kind: str, rows: list[dict[str, Any]], preset: Preset, class_names: list[str],
+def is_empty(rows: ray.data.Dataset) -> bool:
+    """Whether a stage has nothing to do (reads only until the first row)."""
+    return rows.limit(1).count() == 0
+
+
+def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: list[str],
                 output: str, init: dict[str, Any] | None, cpus_per_worker: float) -> tuple[str, dict]:
     """Train one network on rows (with `mask_uri` for AffinityNet/DeepLab); reuse exported weights.
 
-    Returns the weights URI and the last epoch's metrics ({} when reused).
+    The rows (a few columns each, the training sample) are materialised once; images are read
+    and decoded again every epoch. Returns the weights URI and the last epoch's metrics ({} when
+    reused).
     """
     weights = join(output, "checkpoints", kind, "model.pt")
     if exists(weights):
@@ -145,48 +161,53 @@ def train_stage(kind: str, rows: list[dict[str, Any]], preset: Preset, class_nam
         return weights, {}
     config = {"cam": preset.cam_train, "affinity": preset.affinity_train,
               "deeplab": preset.deeplab_train}[kind]
+    rows = rows.materialize()
+    num_rows = rows.count()
+    if num_rows == 0:
+        raise ValueError(f"no images to train the {kind} network on")
     dataset = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
                               max_side=preset.pipeline.max_side).map_batches(drop_failed)
     columns = ["rgb", "tags"] + (["mask"] if kind != "cam" else [])
-    weights, metrics = fit(kind, dataset.select_columns(columns), config, num_rows=len(rows),
+    weights, metrics = fit(kind, dataset.select_columns(columns), config, num_rows=num_rows,
                            class_names=class_names, output_uri=output, init=init,
                            radius=preset.walk.radius, cpus_per_worker=cpus_per_worker)
-    print(f"[{kind}] trained: {json.dumps(metrics, default=str)}")
+    print(f"[{kind}] trained on {num_rows} images: {json.dumps(metrics, default=str)}")
     return weights, metrics
 
 
-def seed_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, output: str,
-               has_gpu: bool) -> int:
-    """Stage B: CAMs (GPU pool) -> CRF at two alphas (CPU pool) -> seeds/<id>.png; returns count."""
-    folder = join(output, "seeds")
-    have = {u.rsplit("/", 1)[-1][: -len(".png")] for u in list_files(folder, suffix=".png")}
-    todo = [r for r in rows if r["image_id"] not in have]
-    if todo:
-        p = preset.pipeline
-        ds = decoded_dataset(todo, num_cpus=p.decode_cpus, max_side=p.max_side)
-        ds = actor_stages(ds, (CamActor, dict(cam_weights=cam_weights, cam=preset.cam,
-                                              mixed_precision=p.mixed_precision)),
-                          (SeedActor, {"cam": preset.cam}), preset, has_gpu)
-        ds.write_datasink(PngSink(folder), ray_remote_args={"num_cpus": p.write_cpus})
-    return len(have) + len(todo)
+def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, output: str,
+               has_gpu: bool) -> None:
+    """Stage B: CAMs (GPU pool) -> CRF at two alphas (CPU pool) -> seeds/<id>.png, committed in
+    index/seeds/. rows: those without a committed seed."""
+    if is_empty(rows):
+        return
+    p = preset.pipeline
+    ds = decoded_dataset(rows, num_cpus=p.decode_cpus, max_side=p.max_side)
+    ds = actor_stages(ds, (CamActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                          mixed_precision=p.mixed_precision)),
+                      (SeedActor, {"cam": preset.cam}), preset, has_gpu)
+    ds = ds.map_batches(write_row_files, num_cpus=p.write_cpus,
+                        fn_kwargs={"folder": join(output, "seeds"), "column": "png"})
+    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows), ray_remote_args={"num_cpus": p.write_cpus})
 
 
-def label_stage(rows: list[dict[str, Any]], preset: Preset, cam_weights: str, affinity_weights: str,
-                num_classes: int, output: str, run_id: str, has_gpu: bool) -> dict[str, int]:
-    """Stage D: CAM -> AffinityNet -> random walk (GPU pool) -> CRF (CPU pool) -> labels/shards."""
-    done = done_ids(output)
-    todo = [r for r in rows if r["image_id"] not in done]
-    evaluate = any(r["gt_uri"] for r in rows)
-    if todo:
-        p = preset.pipeline
-        ds = decoded_dataset(todo, num_cpus=p.decode_cpus, max_side=p.max_side)
-        ds = actor_stages(ds, (CamActor, dict(cam_weights=cam_weights, cam=preset.cam,
-                                              affinity_weights=affinity_weights, walk=preset.walk,
-                                              keep_cams=evaluate, mixed_precision=p.mixed_precision)),
-                          (RefineActor, dict(walk=preset.walk, num_classes=num_classes, evaluate=evaluate)),
-                          preset, has_gpu)
-        ds.write_datasink(LabelSink(output, run_id, evaluate), ray_remote_args={"num_cpus": p.write_cpus})
-    return {"skipped": len(done & {r["image_id"] for r in rows}), "processed": len(todo)}
+def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,
+                num_classes: int, output: str, run_id: str, has_gpu: bool, evaluate: bool) -> None:
+    """Stage D: CAM -> AffinityNet -> random walk (GPU pool) -> CRF (CPU pool) -> labels/, then
+    shards/ (and eval/, errors/) committed thousands of rows at a time. rows: those not yet
+    committed; evaluate: score rows whose `gt_uri` file exists."""
+    if is_empty(rows):
+        return
+    p = preset.pipeline
+    ds = decoded_dataset(rows, num_cpus=p.decode_cpus, max_side=p.max_side)
+    ds = actor_stages(ds, (CamActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                          affinity_weights=affinity_weights, walk=preset.walk,
+                                          keep_cams=evaluate, mixed_precision=p.mixed_precision)),
+                      (RefineActor, dict(walk=preset.walk, num_classes=num_classes, evaluate=evaluate)),
+                      preset, has_gpu)
+    ds = ds.map_batches(write_row_files, num_cpus=p.write_cpus,
+                        fn_kwargs={"folder": join(output, "labels"), "column": "label_png"})
+    ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": p.write_cpus})
 
 
 def check_classes(cam_weights: str, class_names: list[str]) -> None:
@@ -198,21 +219,42 @@ def check_classes(cam_weights: str, class_names: list[str]) -> None:
 
 
 def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
-    """metrics.json content from eval/ (one row per labeled image with ground truth)."""
-    table = read_tables(join(output, "eval"))
-    if table is None:
-        return None
+    """metrics.json content from eval/: the confusion matrices summed over the eval files whose
+    shard is committed (an eval file without its shard belongs to an interrupted write)."""
+    shards = {u.rsplit("/", 1)[-1] for u in list_files(join(output, "shards"), suffix=".parquet")}
     k = len(class_names) + 1
-    rows = {r["image_id"]: r for r in table.to_pylist()}  # a rerun may have re-evaluated an image
-    metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": len(rows)}
+    sums: dict[str, np.ndarray | None] = {v: np.zeros((k, k), np.int64) for v in EVAL_VARIANTS}
+    images = 0
+    for uri in list_files(join(output, "eval"), suffix=".parquet"):
+        if uri.rsplit("/", 1)[-1] not in shards:
+            continue
+        row = read_table(uri).to_pylist()[0]
+        images += row["images"]
+        for v in EVAL_VARIANTS:
+            if row.get(f"cm_{v}") is None:
+                sums[v] = None  # written before the variant existed: not scored
+            elif sums[v] is not None:
+                sums[v] += np.asarray(row[f"cm_{v}"], np.int64).reshape(k, k)
+    if not images:
+        return None
+    metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": images}
     for variant in EVAL_VARIANTS:
-        if any(r.get(f"cm_{variant}") is None for r in rows.values()):
-            continue  # eval rows of an older run lack a newer variant (e.g. "psa")
-        cm = sum(np.asarray(r[f"cm_{variant}"], np.int64).reshape(k, k) for r in rows.values())
-        iou = iou_per_class(cm)
+        if sums[variant] is None:
+            continue  # eval files of an older run lack a newer variant (e.g. "psa")
+        iou = iou_per_class(sums[variant])
         metrics[variant] = {"miou": float(np.nanmean(iou)),
                             "iou": [None if np.isnan(v) else float(v) for v in iou]}
     return metrics
+
+
+def report_samples(output: str, class_names: list[str], gt: str | None, count: int) -> list[dict[str, Any]]:
+    """The first `count` labeled rows of the first shard, as pipeline rows, for the report."""
+    shards = list_files(join(output, "shards"), suffix=".parquet")
+    if not shards:
+        return []
+    table = read_table(shards[0], columns=["image_id", "image", "tags"]).slice(0, count)
+    corpus = Corpus([CorpusRow(r["image_id"], r["image"], r["tags"]) for r in table.to_pylist()], class_names)
+    return corpus_rows(corpus, gt)
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
@@ -238,6 +280,12 @@ def run(job: LabelJob) -> dict[str, Any]:
     preset = resolve_preset(job, use_gpu=has_gpu)
     cpus_per_worker = 0.5 if small else 1.0
 
+    def timed(name, fn, *args, **kwargs):
+        t = time.perf_counter()
+        value = fn(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - t, 2)
+        return value
+
     input_uri, gt = job.input, job.gt
     if input_uri is None:
         corpus_root = join(job.output, "corpus")
@@ -245,55 +293,56 @@ def run(job: LabelJob) -> dict[str, Any]:
         if not exists(input_uri):
             write_corpus(corpus_root, SyntheticConfig(num_images=job.synthetic_images, seed=job.seed))
         gt = gt or join(corpus_root, "gt")
-    corpus, row_errors = read_corpus(input_uri, classes=job.classes)
-    if row_errors:
-        write_table(join(job.output, "errors", "manifest.parquet"),
-                    error_table([e.to_dict() for e in row_errors]))
-    rows = corpus_rows(corpus, gt)
-    names = list(corpus.class_names)
-    print(f"corpus: {len(rows)} images, {len(names)} classes, {len(row_errors)} rejected rows")
-
-    def timed(name, fn, *args, **kwargs):
-        t = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - t, 2)
-        return value
+    index = timed("corpus", prepare_corpus, input_uri, job.output, job.classes, job.train_images)
+    names = list(index.class_names)
+    print(f"corpus: {index.num_rows} images, {len(names)} classes, {index.num_errors} rejected rows"
+          + (f"; networks train on {index.sample['size']} of them" if index.sample else ""))
 
     cam_w = job.cam_checkpoint or timed(
-        "train_cam", train_stage, "cam", rows, preset, names, job.output, None, cpus_per_worker)[0]
+        "train_cam", train_stage, "cam", corpus_dataset(index, sample=True), preset, names, job.output,
+        None, cpus_per_worker)[0]
     check_classes(cam_w, names)
     affinity_w = job.affinity_checkpoint
     if affinity_w is None:
-        timed("seeds", seed_stage, rows, preset, cam_w, job.output, has_gpu)
-        seeded = with_masks(rows, join(job.output, "seeds"))
-        affinity_w = timed("train_affinity", train_stage, "affinity", seeded, preset, names, job.output,
-                           {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
-    counts = timed("labels", label_stage, rows, preset, cam_w, affinity_w, len(names), job.output,
-                   run_id, has_gpu)
+        seeded = committed_keys(join(job.output, SEED_INDEX))
+        timed("seeds", seed_stage, corpus_dataset(index, sample=True, exclude=seeded), preset, cam_w,
+              job.output, has_gpu)
+        rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
+        affinity_w = timed("train_affinity", train_stage, "affinity",
+                           rows.map_batches(_with_mask_uri, fn_kwargs={"folder": join(job.output, "seeds")}),
+                           preset, names, job.output, {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
+    done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
+    skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
+    timed("labels", label_stage, corpus_dataset(index, exclude=done, gt=gt), preset, cam_w, affinity_w,
+          len(names), job.output, run_id, has_gpu, evaluate=bool(gt))
     metrics = evaluation(job.output, names)
     if metrics:
         write_bytes(join(job.output, "metrics.json"), json.dumps(metrics, indent=2).encode())
 
     deeplab_w = None
     if job.train_segmentation:
-        labeled = with_masks(rows, join(job.output, "labels"))
-        deeplab_w = timed("train_deeplab", train_stage, "deeplab", labeled, preset, names, job.output,
-                          {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
+        labeled = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, "shards")))
+        deeplab_w = timed("train_deeplab", train_stage, "deeplab",
+                          labeled.map_batches(_with_mask_uri, fn_kwargs={"folder": join(job.output, "labels")}),
+                          preset, names, job.output, {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
 
-    labeled = len(list_files(join(job.output, "labels"), suffix=".png"))
-    errors = read_tables(join(job.output, "errors"), columns=["image_id"])
+    labeled_count = table_rows(join(job.output, "shards"))
+    errors = table_rows(join(job.output, "errors"))
     summary = {
         "run_id": run_id, "input": input_uri, "output": job.output, "preset": to_dict(preset),
         "job": to_dict(job), "versions": _versions(), "has_gpu": has_gpu,
-        "counts": {"input_rows": len(rows) + len(row_errors), "labeled": labeled,
-                   "errors": 0 if errors is None else errors.num_rows, **counts},
+        "counts": {"input_rows": index.num_rows + index.num_errors, "labeled": labeled_count,
+                   "errors": errors, "skipped": skipped,
+                   "processed": labeled_count + errors - index.num_errors - skipped},
+        "train_sample": index.sample or None,
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
         "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS if v in metrics} if metrics else None,
     }
     write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record
-    summary["report"] = write_report(job.output, rows, preset, cam_w, affinity_w, names, metrics)[-1]
+    samples = report_samples(job.output, names, gt, 8)
+    summary["report"] = write_report(job.output, samples, preset, cam_w, affinity_w, names, metrics)[-1]
     return {**summary, "metrics_full": metrics}
 
 

@@ -28,8 +28,9 @@ from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, list_files, parent, read_bytes, redact
 from psa_ray.ops.forward import segment_probabilities
 from psa_ray.pipeline.actors import inference_device, per_batch
-from psa_ray.pipeline.readers import decoded_dataset
-from psa_ray.pipeline.writers import LabelSink, done_ids, error_table, read_tables, write_table
+from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
+from psa_ray.pipeline.writers import (
+    LabelSink, done_ids, error_table, read_tables, write_row_files, write_table)
 from psa_ray.models.inference import autocast_dtype, load_trained, read_meta, to_tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".avif")
@@ -133,14 +134,17 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
     done = done_ids(output)
     todo = [r for r in rows if r["image_id"] not in done]
     if todo:
-        ds = decoded_dataset(todo, num_cpus=pipeline.decode_cpus, max_side=pipeline.max_side)
+        ds = decoded_dataset(rows_dataset(todo), num_cpus=pipeline.decode_cpus, max_side=pipeline.max_side)
         ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"checkpoint": checkpoint},
                             batch_size=pipeline.batch_size,
                             compute=ray.data.ActorPoolStrategy(min_size=pipeline.gpu_pool[0],
                                                                max_size=pipeline.gpu_pool[1]),
                             num_gpus=pipeline.gpu_actor_gpus if has_gpu else 0,
                             num_cpus=pipeline.gpu_actor_cpus)
-        ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False),
+        ds = ds.map_batches(write_row_files, num_cpus=pipeline.write_cpus,
+                            fn_kwargs={"folder": join(output, "labels"), "column": "label_png"})
+        ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False,
+                                    rows_per_file=pipeline.shard_rows),
                           ray_remote_args={"num_cpus": pipeline.write_cpus})
     ids = {r["image_id"] for r in rows}
     shards = read_tables(join(output, "shards"), columns=["image_id"])

@@ -18,11 +18,14 @@ MAX_IMAGE_BYTES = 256 * 2**20
 _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 
 
-def corpus_dataset(rows: Iterable[dict[str, Any]], *, rows_per_block: int = 16) -> ray.data.Dataset:
-    """Rows (image_id, image URI, tags multi-hot, optional mask_uri) as a Dataset of many small blocks."""
+# Images are read, decoded and labeled in blocks of this many rows, so that they spread over actors.
+ROWS_PER_BLOCK = 16
+
+
+def rows_dataset(rows: Iterable[dict[str, Any]]) -> ray.data.Dataset:
+    """A small in-memory list of pipeline rows (tests, benchmarks, prediction) as a Dataset."""
     rows = list(rows)
-    blocks = max(1, min(len(rows), -(-len(rows) // rows_per_block)))
-    return ray.data.from_items(rows, override_num_blocks=blocks)
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), -(-len(rows) // ROWS_PER_BLOCK))))
 
 
 def _read_row(image_uri: str, mask_uri: str | None,
@@ -95,11 +98,12 @@ def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = MAX_SIDE
     return out
 
 
-def decoded_dataset(rows: Iterable[dict[str, Any]], *, num_cpus: float = 1.0,
+def decoded_dataset(rows: ray.data.Dataset, *, num_cpus: float = 1.0,
                     max_side: int | None = MAX_SIDE) -> ray.data.Dataset:
-    """`corpus_dataset` followed by `decode_rows` in CPU tasks (S3 endpoint from AWS_ENDPOINT_URL)."""
-    return corpus_dataset(rows).map_batches(decode_rows, batch_size=8, num_cpus=num_cpus,
-                                            fn_kwargs={"max_side": max_side})
+    """Pipeline rows in blocks of ROWS_PER_BLOCK, then `decode_rows` in CPU tasks (S3 endpoint
+    from AWS_ENDPOINT_URL)."""
+    return rows.repartition(target_num_rows_per_block=ROWS_PER_BLOCK).map_batches(
+        decode_rows, batch_size=8, num_cpus=num_cpus, fn_kwargs={"max_side": max_side})
 
 
 def drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,11 +16,11 @@ import torch
 from psa_ray.config import Preset
 from psa_ray.io.images import decode_image, encode_png
 from psa_ray.io.palette import colorize, decode_label_png
-from psa_ray.io.storage import join, list_files, read_bytes, redact, write_bytes
+from psa_ray.io.storage import exists, join, read_bytes, redact, write_bytes
 from psa_ray.ops.cam import with_background
 from psa_ray.ops.pseudo_labels import scores_to_labels, tagged_cams, upsample_scores, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
-from psa_ray.pipeline.actors import inference_device
+from psa_ray.pipeline.actors import ground_truth, inference_device
 from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
@@ -60,7 +60,7 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
 def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_weights: str,
                  affinity_weights: str, class_names: list[str], metrics: dict[str, Any] | None,
                  num_samples: int = 8) -> list[str]:
-    """Pictures of the first `num_samples` rows that have a label in `<output>/labels/`, and
+    """Pictures of the first `num_samples` of rows (a few) that have a label in `<output>/labels/`, and
     `<output>/report/index.md`; returns the URIs written (pictures, then the index).
 
     rows: `labeling.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri).
@@ -71,8 +71,7 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
 
     folder = join(output, "report")
     labels = join(output, "labels")
-    have = set(list_files(labels, suffix=".png"))
-    samples = [r for r in rows if join(labels, f"{r['image_id']}.png") in have][:num_samples]
+    samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]
     device = inference_device()
     cam_net = load_trained(cam_weights, device)
     affinity_net = load_trained(affinity_weights, device)
@@ -83,7 +82,7 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
         try:
             rgb = decode_image(read_bytes(str(row["image"])))
             final = decode_label_png(read_bytes(join(labels, f"{image_id}.png")))
-            gt = decode_label_png(read_bytes(row["gt_uri"])) if row.get("gt_uri") else None
+            gt = ground_truth(row.get("gt_uri", ""))
             for name, label in (("label", final), ("ground truth", gt)):
                 if label is not None and label.shape != rgb.shape[:2]:
                     raise ValueError(f"{name} {label.shape} does not match image {rgb.shape[:2]}")

@@ -1,10 +1,10 @@
 """Idempotent writers for the output location (design.md, "Output location").
 
-Per block of rows, the sink writes each labeled row's `labels/<image_id>.png`, then the
-evaluation rows, the error rows, and last the `shards/<digest>.parquet` that commits the labeled
-rows. File names derive from the image ids, never from the run, so a rerun after a crash at any
-point rewrites the same names and finally commits every row exactly once: a row is done when its
-id is in `shards/` or `errors/` (`done_ids`).
+A map step writes each labeled row's `labels/<image_id>.png` as its block is done; the sink then
+commits thousands of rows at a time: the evaluation sums, the error rows, and last the
+`shards/<digest>.parquet` of the labeled rows. File names derive from the image ids, never from
+the run, so a rerun after a crash at any point rewrites the same names and finally commits every
+row exactly once: a row is done when its id is in `shards/` or `errors/`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from psa_ray.io.manifest import ERROR_SCHEMA
-from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
+from psa_ray.io.storage import filesystem, join, list_files, read_bytes, with_retries, write_bytes
 
 # psa: the CAMs with psa's constant background 0.2 (its README's CAM mIoU); cam: with (1-max)^alpha
 EVAL_VARIANTS = ("cam", "psa", "cam_crf", "rw", "rw_crf")
@@ -36,15 +36,31 @@ def write_table(uri: str, table: pa.Table) -> None:
     write_bytes(uri, sink.getvalue())
 
 
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file."""
+    return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+
+
 def read_tables(prefix: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All Parquet files under prefix concatenated (None when there are none)."""
-    tables = [pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
-              for uri in list_files(prefix, suffix=".parquet")]
+    """All Parquet files under prefix concatenated (None when there are none): for small tables
+    (tests, prediction); stages read tables through Ray Data."""
+    tables = [read_table(uri, columns) for uri in list_files(prefix, suffix=".parquet")]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
+def table_rows(prefix: str, name_prefix: str = "") -> int:
+    """Rows in the Parquet files under prefix whose names start with name_prefix (footers only)."""
+    total = 0
+    for uri in list_files(prefix, suffix=".parquet"):
+        if uri.rsplit("/", 1)[-1].startswith(name_prefix):
+            fs, path = filesystem(uri)
+            with with_retries(lambda: fs.open_input_file(path)) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
 def done_ids(output_uri: str) -> set[str]:
-    """Ids already committed to shards/ or errors/ by earlier runs.
+    """Ids already committed to shards/ or errors/ by earlier runs (small outputs: prediction).
 
     Manifest errors are left out: they are rewritten by every run, and a rejected duplicate
     shares its id with the row that was kept and still has to be labeled.
@@ -64,51 +80,70 @@ def error_table(rows: list[dict[str, Any]]) -> pa.Table:
         [{k: str(r.get(k, "")) for k in ERROR_SCHEMA.names} for r in rows], schema=ERROR_SCHEMA)
 
 
-class PngSink(Datasink):
-    """Writes column `png` of each error-free row to `<folder>/<image_id>.png` (stage-B seeds)."""
+def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str) -> dict[str, np.ndarray]:
+    """Write column `column` (PNG bytes) of each error-free row to `<folder>/<image_id>.png`.
 
-    def __init__(self, folder_uri: str):
-        self.folder = folder_uri
+    A map step before a committing sink: the files of a block land as it is done, while the
+    sink commits thousands of rows at a time. A file written again on a rerun gets the same name.
+    """
+    for image_id, data, error in zip(batch["image_id"], batch[column], batch["error"]):
+        if not error:
+            write_bytes(join(folder, f"{image_id}.png"), bytes(data))
+    return batch
+
+
+class IndexSink(Datasink):
+    """Commits `<folder>/<digest>.parquet` (column image_id) for the error-free rows, thousands at a
+    time: the seeds written by `write_row_files` that a rerun need not redo."""
+
+    def __init__(self, folder_uri: str, rows_per_file: int):
+        self.folder, self.rows_per_file = folder_uri, rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
 
     def write(self, blocks, ctx) -> int:
-        written = 0
-        for block in blocks:
-            for row in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
-                if not row["error"]:
-                    write_bytes(join(self.folder, f"{row['image_id']}.png"), bytes(row["png"]))
-                    written += 1
-        return written
+        ids = [r["image_id"] for block in blocks
+               for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False) if not r["error"]]
+        if ids:
+            write_table(join(self.folder, f"{digest(ids)}.parquet"), pa.table({"image_id": ids}))
+        return len(ids)
 
 
 class LabelSink(Datasink):
-    """Stage-D writer: labels/, eval/, errors/, then shards/ (the commit) for each block."""
+    """Stage-D commit, thousands of rows a write (`rows_per_file`): eval/, errors/, then shards/.
 
-    def __init__(self, output_uri: str, run_id: str, evaluate: bool):
+    The label PNGs are already written (`write_row_files`); a row is done once its shard is.
+    eval/<digest>.parquet holds the summed confusion matrices of shards/<digest>.parquet's
+    images (written first: metrics count an eval file only beside its shard).
+    """
+
+    def __init__(self, output_uri: str, run_id: str, evaluate: bool, rows_per_file: int = 2048):
         self.output, self.run_id, self.evaluate = output_uri, run_id, evaluate
+        self.rows_per_file = rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
 
     def write(self, blocks, ctx) -> dict[str, int]:
-        counts = {"labeled": 0, "errors": 0}
-        for block in blocks:
-            rows = list(BlockAccessor.for_block(block).iter_rows(public_row_format=False))
-            good = [r for r in rows if not r["error"]]
-            bad = [r for r in rows if r["error"]]
-            for r in good:
-                write_bytes(join(self.output, "labels", f"{r['image_id']}.png"), bytes(r["label_png"]))
-            if self.evaluate and good:
-                write_table(join(self.output, "eval", f"{digest(r['image_id'] for r in good)}.parquet"),
-                            pa.Table.from_pylist([
-                                {"image_id": r["image_id"],
-                                 **{f"cm_{v}": np.asarray(r[f"cm_{v}"], np.int64).tolist()
-                                    for v in EVAL_VARIANTS}} for r in good]))
-            if bad:
-                write_table(join(self.output, "errors", f"{digest(r['image_id'] for r in bad)}.parquet"),
-                            error_table(bad))
-            if good:
-                write_table(join(self.output, "shards", f"{digest(r['image_id'] for r in good)}.parquet"),
-                            shard_table(good, self.run_id))
-            counts["labeled"] += len(good)
-            counts["errors"] += len(bad)
-        return counts
+        rows = [r for block in blocks for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False)]
+        good = [r for r in rows if not r["error"]]
+        bad = [r for r in rows if r["error"]]
+        name = digest(r["image_id"] for r in good)
+        scored = [r for r in good if self.evaluate and len(r[f"cm_{EVAL_VARIANTS[0]}"])]
+        if scored:
+            write_table(join(self.output, "eval", f"{name}.parquet"), pa.table({
+                "images": [len(scored)],
+                **{f"cm_{v}": [np.sum([np.asarray(r[f"cm_{v}"], np.int64) for r in scored], axis=0).tolist()]
+                   for v in EVAL_VARIANTS}}))
+        if bad:
+            write_table(join(self.output, "errors", f"{digest(r['image_id'] for r in bad)}.parquet"),
+                        error_table(bad))
+        if good:
+            write_table(join(self.output, "shards", f"{name}.parquet"), shard_table(good, self.run_id))
+        return {"labeled": len(good), "errors": len(bad)}
 
 
 def shard_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:

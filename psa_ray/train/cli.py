@@ -55,6 +55,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus
     from psa_ray.io.manifest import read_corpus
     from psa_ray.pipeline.labeling import corpus_rows, train_stage, with_masks
+    from psa_ray.pipeline.readers import rows_dataset
     from psa_ray.train.evaluate import classifier_map
 
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
@@ -81,7 +82,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     if kind in MASK_FOLDER:
         train_rows = with_masks(train_rows, args.masks or join(args.output, MASK_FOLDER[kind]))
         init = {"uri": args.init, "backbone_only": True} if args.init else None
-    weights, metrics = train_stage(kind, train_rows, preset, list(corpus.class_names), args.output,
+    weights, metrics = train_stage(kind, rows_dataset(train_rows), preset, list(corpus.class_names), args.output,
                                    init, args.cpus_per_worker)
     report = {"weights": weights, "train_images": len(train_rows), "metrics": metrics}
     if kind == "cam" and val_rows:
