@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-images", type=int, default=300, help="size of the synthetic corpus")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per network")
     p.add_argument("--epochs", type=int, help="override every network's epochs (quick trials)")
+    p.add_argument("--crop-size", type=int, help="override every network's training crop (quick trials)")
+    p.add_argument("--scales", type=float, nargs="+", help="override the CAM scales (quick trials)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU actors and training workers ask for GPUs (default: if the cluster has "
                         "GPUs at start; pass --use-gpu on autoscaling clusters whose GPU group "
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                    cam_checkpoint=args.cam_checkpoint, affinity_checkpoint=args.affinity_checkpoint,
                    train_segmentation=args.train_segmentation, train_images=args.train_images,
                    shard_rows=args.shard_rows, synthetic_images=args.synthetic_images,
-                   train_workers=args.train_workers, epochs=args.epochs, use_gpu=args.use_gpu,
+                   train_workers=args.train_workers, epochs=args.epochs, crop_size=args.crop_size,
+                   scales=tuple(args.scales) if args.scales else None, use_gpu=args.use_gpu,
                    seed=args.seed)
     try:
         summary = run(job)

@@ -1,7 +1,10 @@
-"""One config dataclass per stage. Defaults are the paper's settings (Ahn & Kwak, CVPR 2018).
+"""One config dataclass per stage. Defaults are the `paper` preset: the recipe of jiwoon-ahn/psa,
+the reference code of the paper (Ahn & Kwak, CVPR 2018), where the code and the paper's text
+differ (alpha_high 32, not 24) and where the text is silent (crops, rates, frozen layers);
+README "Fidelity to the reference" lists every setting with psa's value and its source.
 
 `PRESETS["demo"]` shrinks what must shrink to label the built-in synthetic corpus on a 2-core
-CPU in minutes; everything not named there keeps the paper's value.
+CPU in minutes; everything not named there keeps the paper preset's value.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CrfConfig:
-    """Dense CRF (Kraehenbuehl & Koltun) as used by the paper for seeds and final labels."""
+    """Dense CRF (Kraehenbuehl & Koltun): psa's parameters for the seeds (tool/imutils.py
+    crf_inference); the paper, not psa's code, also refines the walked labels with a CRF, here
+    with the same parameters."""
 
     iterations: int = 10
     gaussian_sxy: float = 3.0
@@ -30,8 +35,14 @@ class CamConfig:
     scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     flip: bool = True
     alpha_low: float = 4.0    # background power for confident foreground
-    alpha_high: float = 32.0  # background power for confident background
+    alpha_high: float = 32.0  # background power for confident background (psa's code; its paper: 24)
     crf: CrfConfig = field(default_factory=CrfConfig)
+    # "pil_bicubic": each scale resized from the uint8 image with PIL bicubic, as psa;
+    # "bilinear": F.interpolate of the normalised tensor (on the device, no antialias)
+    resample: str = "pil_bicubic"
+    # True: seeds/<id>.png keeps the low/high-alpha CRF scores (io/seeds.py), from which
+    # AffinityNet's labels are cell-averaged after the crop, as psa; False: a hard seed label map
+    seed_scores: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,23 +71,31 @@ class TrainConfig:
     new_layer_lr_mult: float = 10.0      # classifier / new heads learn 10x faster
     poly_power: float = 0.9
     crop_size: int = 448
-    resize_long: tuple[int, int] = (448, 768)
+    resize_long: tuple[int, int] | None = (256, 512)  # None: no rescale (crop of the native image)
     color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
     num_workers: int = 1
     use_gpu: bool = False
     mixed_precision: bool = True         # bf16 autocast on GPU only
     checkpoint_every_epochs: int = 1
     seed: int = 0
+    # a backbone that starts from weights (backbone_weights, or another network's backbone)
+    # keeps every BatchNorm in eval mode with gamma/beta frozen, and its stem frozen
+    # (`stem_modules` of models/backbones.py), as psa; from scratch everything trains
+    freeze_pretrained: bool = True
+    segmentation_head: str = "largefov"  # DeepLab's head: "largefov" (v1, psa) or "aspp" (v2)
 
 
-# The paper trains the classifier 15 epochs at lr 0.01 and AffinityNet 8 epochs at lr 0.1.
-# The reference code scales the affinity loss by 1/4 (bg/4 + fg/4 + neg/2); our loss is the
-# paper's L+bg + L+fg + 2 L-, so the same step size is lr 0.025. DeepLab follows the usual VOC
-# schedule (DeepLab-LargeFOV style).
+# psa's recipe (jiwoon-ahn/psa train_cls.py, train_aff.py; README "Fidelity to the reference").
+# psa's PolyOptimizer passes its weight decay 5e-4 as SGD's momentum (psa#28), so psa takes plain
+# SGD steps of lr * grad. We use momentum 0.9 and lr / 10, which takes the same effective step
+# lr / (1 - momentum) and the same relative weight decay. psa's affinity loss is ours / 4
+# (bg/4 + fg/4 + neg/2 vs L_bg + L_fg + 2 L_neg), so AffinityNet also gets lr / 4 and wd x 4:
+# 0.0025 / (1 - 0.9) * (4 g + 4 * 5e-4 w) = 0.1 * (g + 5e-4 w), psa's step.
 PAPER_TRAIN = {
-    "cam": TrainConfig(epochs=15, lr=0.01),
-    "affinity": TrainConfig(epochs=8, lr=0.025),
-    "deeplab": TrainConfig(epochs=20, lr=0.001, new_layer_lr_mult=10.0),
+    "cam": TrainConfig(epochs=15, batch_size=16, lr=0.01),
+    "affinity": TrainConfig(epochs=8, batch_size=8, lr=0.0025, weight_decay=2e-3, resize_long=None),
+    # DeepLab-CRF-LargeFOV's solver (lr 1e-3, momentum 0.9, wd 5e-4, head 10x), poly schedule
+    "deeplab": TrainConfig(epochs=20, lr=0.001, new_layer_lr_mult=10.0, resize_long=(448, 768)),
 }
 
 
@@ -120,9 +139,11 @@ class Preset:
 
 def _demo_train(**kw: Any) -> TrainConfig:
     # No hue jitter: the synthetic classes differ by head hue (60 degrees apart), which the
-    # paper's hue jitter of 0.1 (36 degrees) would blur; photos' classes do not hang on hue.
+    # paper preset's hue jitter of 0.1 (36 degrees) would blur; photos' classes do not hang on hue.
+    # From scratch (nothing frozen), ASPP head: the demo's behaviour before psa's recipe came in.
     base = dict(backbone="tiny", crop_size=128, resize_long=(112, 176), batch_size=16,
-                color_jitter=(0.3, 0.3, 0.3, 0.0), num_workers=1, mixed_precision=False)
+                color_jitter=(0.3, 0.3, 0.3, 0.0), num_workers=1, mixed_precision=False,
+                freeze_pretrained=False, segmentation_head="aspp")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -139,7 +160,8 @@ PRESETS: dict[str, Preset] = {
         cam_train=_demo_train(epochs=12, lr=0.05),
         affinity_train=_demo_train(epochs=8, lr=0.05),
         deeplab_train=_demo_train(epochs=12, lr=0.02),
-        cam=CamConfig(scales=(0.5, 1.0, 1.5)),
+        # hard seed maps and bilinear scales: the demo's quality was measured with them
+        cam=CamConfig(scales=(0.5, 1.0, 1.5), resample="bilinear", seed_scores=False),
         # the synthetic images are 96-160 px: walked at >= 320 px, the stride-8 grid has cells
         # small enough to follow object edges (random walk mIoU 63 -> 80 on 60 training images)
         walk=WalkConfig(min_side=320),

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from psa_ray.models.backbones import BACKBONES, build_backbone
-from psa_ray.models.networks import AffinityNet, CamNet, DeepLab, build_model
+from psa_ray.models.networks import AffinityNet, CamNet, DeepLab, DeepLabLargeFOV, build_model
 from psa_ray.models.weights import LoadReport, WeightsError, load_state, load_weights
 
-__all__ = ["BACKBONES", "build_backbone", "AffinityNet", "CamNet", "DeepLab", "build_model",
+__all__ = ["BACKBONES", "build_backbone", "AffinityNet", "CamNet", "DeepLab", "DeepLabLargeFOV",
+           "build_model",
            "LoadReport", "WeightsError", "load_state", "load_weights"]

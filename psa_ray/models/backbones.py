@@ -3,7 +3,9 @@
 Every backbone maps an ImageNet-normalised RGB float image `[B,3,H,W]` to the list of the
 features of its last three stages, `[B,c_k,ceil(H/8),ceil(W/8)]` for the channels
 `c_k = out_channels[k]` (exactly `H/8 x W/8` when H and W are multiples of 8). It has the
-attributes `out_channels: tuple[int, int, int]` and `name: str`.
+attributes `out_channels: tuple[int, int, int]`, `name: str` and `stem_modules: tuple[str, ...]`,
+the names of the first submodules that stay frozen when it starts from pretrained weights (the
+networks' `freeze_pretrained`).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNet38d(nn.Module):
-    """ResNet-38 (Wu et al., "Wider or Deeper", model A) with dilated last stages, as in the paper.
+    """ResNet-38 (Wu et al., "Wider or Deeper", model A) with dilated last stages, as in psa.
 
     conv1a (3x3, 64) -> b2 (x3, 128, /2) -> b3 (x3, 256, /4) -> b4 (x6, 512, /8) ->
     b5 (x3, 1024, dilation 2) -> b6 (bottleneck 2048, dilation 4, dropout 0.3) ->
@@ -85,6 +87,7 @@ class ResNet38d(nn.Module):
 
     name = "resnet38d"
     out_channels = (512, 1024, 4096)
+    stem_modules = ("conv1a", "b2", "b2_1", "b2_2")  # psa's `not_training` (network/resnet38d.py)
 
     def __init__(self):
         super().__init__()
@@ -126,6 +129,9 @@ class ResNet50(nn.Module):
 
     name = "resnet50"
     out_channels = (512, 1024, 2048)
+    # psa's choice carried over: the first conv and the first residual stage (ResNet-38's conv1a
+    # and b2*; detectron2's freeze_at=2). IRN freezes only conv1 and bn1.
+    stem_modules = ("conv1", "bn1", "layer1")
 
     def __init__(self):
         super().__init__()
@@ -171,6 +177,7 @@ class TinyNet(nn.Module):
 
     name = "tiny"
     out_channels = (64, 96, 128)
+    stem_modules = ("stem",)
 
     def __init__(self):
         super().__init__()

@@ -47,7 +47,8 @@ def load_trained(weights_uri: str, device: torch.device | str = "cpu") -> nn.Mod
     meta = read_meta(weights_uri)
     kind = meta["kind"]
     num_classes = {"cam": meta["num_classes"], "deeplab": meta["num_classes"] + 1}.get(kind)
-    model = build_model(kind, meta["backbone"], num_classes)
+    head = meta.get("train", {}).get("segmentation_head", "aspp")  # older exports: ASPP
+    model = build_model(kind, meta["backbone"], num_classes, head)
     load_weights(model, weights_uri)
     return model.to(device, memory_format=torch.channels_last).eval()
 

@@ -3,7 +3,8 @@
 All outputs are at the backbone's stride 8: `h, w = ceil(H/8), ceil(W/8)` for an input
 `[B,3,H,W]`. The shared `backbone` name lets one network start from another's trained backbone:
 `affinity_net.backbone.load_state_dict(cam_net.backbone.state_dict())`.
-`param_groups()` splits the parameters into (backbone, new layers) for the new layers' 10x rate.
+`param_groups()` splits the trainable parameters into (backbone, new layers) for the new layers'
+10x rate; `freeze_pretrained()` freezes what psa freezes in a backbone that starts from weights.
 """
 from __future__ import annotations
 
@@ -19,18 +20,42 @@ def _as_backbone(backbone: nn.Module | str) -> nn.Module:
     return build_backbone(backbone) if isinstance(backbone, str) else backbone
 
 
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class _WithBackbone(nn.Module):
     """A backbone plus new layers: every parameter outside `backbone` is a new layer's."""
 
     def __init__(self, backbone: nn.Module | str):
         super().__init__()
         self.backbone = _as_backbone(backbone)
+        self.frozen_pretrained = False
 
     def param_groups(self) -> tuple[list[Parameter], list[Parameter]]:
-        """(backbone parameters, new-layer parameters)."""
+        """(backbone parameters, new-layer parameters), the trainable ones only."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}
-        return (list(self.backbone.parameters()),
-                [p for p in self.parameters() if id(p) not in backbone_ids])
+        return ([p for p in self.backbone.parameters() if p.requires_grad],
+                [p for p in self.parameters() if id(p) not in backbone_ids and p.requires_grad])
+
+    def freeze_pretrained(self) -> None:
+        """What jiwoon-ahn/psa freezes when the backbone starts from weights (resnet38d.py
+        `not_training`, `train()`): every BatchNorm stays in eval mode (its running statistics
+        are kept) with gamma and beta frozen, and the backbone's stem (`backbone.stem_modules`, e.g.
+        ResNet-38's conv1a, b2, b2_1, b2_2) is frozen. Call before building the optimiser."""
+        self.frozen_pretrained = True
+        for norm in _batch_norms(self):
+            norm.requires_grad_(False)
+        for name in self.backbone.stem_modules:
+            getattr(self.backbone, name).requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_pretrained:
+            for norm in _batch_norms(self):
+                norm.eval()
+        return self
 
 
 class CamNet(_WithBackbone):
@@ -94,6 +119,36 @@ class AffinityNet(_WithBackbone):
 
 
 
+class DeepLabLargeFOV(_WithBackbone):
+    """DeepLab-CRF-LargeFOV's head (DeepLab v1, Chen et al., ICLR 2015), the network psa trained
+    on its pseudo labels (psa#7), on the last backbone feature: fc6 a 3x3 conv of dilation 12 to
+    1024 channels, ReLU, dropout 0.5; fc7 a 1x1 conv to 1024, ReLU, dropout 0.5; fc8 a 1x1 conv to
+    the classes. On VGG-16 fc6/fc7 are ImageNet's fc layers; here they are new layers (Kaiming
+    init), and fc8 is N(0, 0.01) as in DeepLab. `num_classes` counts background.
+    """
+
+    DILATION, HIDDEN, DROPOUT = 12, 1024, 0.5
+
+    def __init__(self, backbone: nn.Module | str, num_classes: int):
+        super().__init__(backbone)
+        self.num_classes = num_classes
+        self.fc6 = nn.Conv2d(self.backbone.out_channels[-1], self.HIDDEN, 3, padding=self.DILATION,
+                             dilation=self.DILATION)
+        self.fc7 = nn.Conv2d(self.HIDDEN, self.HIDDEN, 1)
+        self.fc8 = nn.Conv2d(self.HIDDEN, num_classes, 1)
+        self.dropout = nn.Dropout2d(self.DROPOUT)
+        for conv in (self.fc6, self.fc7):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.fc8.weight, std=0.01)
+        nn.init.zeros_(self.fc8.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Per-pixel logits [B,num_classes,h,w]."""
+        h = self.dropout(F.relu(self.fc6(self.backbone(x)[-1])))
+        return self.fc8(self.dropout(F.relu(self.fc7(h))))
+
+
 class DeepLab(_WithBackbone):
     """DeepLab-v2's segmentation head on the last backbone feature: ASPP, four 3x3 convs with
     dilation rates 6, 12, 18 and 24 whose outputs are summed (weights N(0, 0.01), biases 0).
@@ -120,17 +175,21 @@ class DeepLab(_WithBackbone):
 
 
 MODEL_KINDS = ("cam", "affinity", "deeplab")
+SEGMENTATION_HEADS = {"largefov": DeepLabLargeFOV, "aspp": DeepLab}
 
 
-def build_model(kind: str, backbone: str, num_classes: int | None) -> nn.Module:
+def build_model(kind: str, backbone: str, num_classes: int | None, head: str = "aspp") -> nn.Module:
     """A freshly initialised network: "cam" (num_classes = foreground classes), "affinity"
-    (num_classes must be None) or "deeplab" (num_classes includes background)."""
+    (num_classes must be None) or "deeplab" (num_classes includes background; `head` one of
+    SEGMENTATION_HEADS, "aspp" for checkpoints exported before the choice existed)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(MODEL_KINDS)}")
+    if head not in SEGMENTATION_HEADS:
+        raise ValueError(f"unknown segmentation head {head!r}; valid: {', '.join(SEGMENTATION_HEADS)}")
     if kind == "affinity":
         if num_classes is not None:
             raise ValueError(f"AffinityNet has no classes; got num_classes={num_classes}")
         return AffinityNet(backbone)
     if num_classes is None or num_classes < 1:
         raise ValueError(f"a {kind!r} model needs num_classes >= 1; got {num_classes}")
-    return CamNet(backbone, num_classes) if kind == "cam" else DeepLab(backbone, num_classes)
+    return CamNet(backbone, num_classes) if kind == "cam" else SEGMENTATION_HEADS[head](backbone, num_classes)

@@ -87,6 +87,29 @@ def seed_labels(label_low: np.ndarray, label_high: np.ndarray) -> np.ndarray:
     return seeds
 
 
+def cell_seed_labels(scores: Tensor, stride: int = 8) -> Tensor:
+    """psa's AffinityNet labels from stage-B CRF scores, after the crop.
+
+    scores [2,n+1,H,W] (the alpha_low and alpha_high maps, background first; zero where the crop
+    padded the image) -> seeds [ceil(H/stride), ceil(W/stride)] int64 on the feature grid. Each
+    map is average-pooled over the stride x stride cells (zero-padded at the bottom and right,
+    as skimage's block_reduce), then per cell: the argmax of the low maps, 255 where it is the
+    background; 0 where the argmax of the high maps is the background; 255 where every score is
+    zero (crop padding). Label values are channel indices (1..n), which is all the pair labels
+    need: they compare labels for equality only.
+    """
+    if scores.dim() != 4 or scores.shape[0] != 2:
+        raise ValueError(f"scores must be [2,n+1,H,W], got shape {tuple(scores.shape)}")
+    height, width = scores.shape[-2:]
+    padded = F.pad(scores.float(), (0, -width % stride, 0, -height % stride))
+    pooled = F.avg_pool2d(padded, stride, stride)
+    low, high = pooled[0].argmax(dim=0), pooled[1].argmax(dim=0)
+    seeds = torch.where(low == 0, torch.full_like(low, IGNORE), low)
+    seeds[high == 0] = 0
+    seeds[pooled.amax(dim=(0, 1)) <= 0] = IGNORE
+    return seeds
+
+
 class AffinityLabels(NamedTuple):
     """Which pairs [B,K,h,w] (bool) are positive background, positive foreground, or negative."""
 

@@ -3,21 +3,51 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from psa_ray.models.inference import IMAGENET_MEAN, IMAGENET_STD
 from psa_ray.ops.forward import precision
 
 NORM_EPS = 1e-5
+# psa's CAM evaluation (`infer_cls.py`, out_cam_pred): a constant background score
+PSA_EVAL_BACKGROUND = 0.2
+RESAMPLES = ("bilinear", "pil_bicubic")
+
+
+def resize_images(images: Tensor, size: tuple[int, int], resample: str) -> Tensor:
+    """Normalised images [B,3,H,W] -> [B,3,h,w] for size (h, w).
+
+    "bilinear": `F.interpolate` of the normalised tensor (no antialias), on its device.
+    "pil_bicubic": as psa, PIL bicubic on the uint8 image: the images are turned back into the
+    uint8 pixels they were normalised from (exact: normalisation is affine and the error is far
+    below half a grey level), resized on the CPU and normalised again.
+    """
+    if resample not in RESAMPLES:
+        raise ValueError(f"unknown resample {resample!r}; valid: {', '.join(RESAMPLES)}")
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    if resample == "bilinear":
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = ((images.detach().float().cpu() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    resized = [np.asarray(Image.fromarray(p.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.BICUBIC))
+               for p in pixels]
+    out = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
+    return ((out - mean) / std).to(images.device, images.dtype)
 
 
 def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[float], flip: bool,
-                          autocast: torch.dtype | None = None) -> Tensor:
+                          autocast: torch.dtype | None = None, resample: str = "bilinear") -> Tensor:
     """images [B,3,H,W] -> CAMs [B,C,H,W] float32, summed over scales (and horizontal flips), not normalised.
 
     `model.cams(x [B,3,h,w])` must return ReLU'd class activation maps [B,C,~h/8,~w/8]. Each
-    scale resizes the images bilinearly to (round(H*s), round(W*s)); the flipped copies run in
+    scale resizes the images to (round(H*s), round(W*s)) (`resize_images` with `resample`);
+    the flipped copies run in
     the same batch, their maps are flipped back, and every map is upsampled to (H, W). With
     `autocast` (e.g. torch.bfloat16) the network runs in that precision.
     """
@@ -30,7 +60,7 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
     with torch.no_grad():
         for scale in scales:
             size = (round(height * scale), round(width * scale))
-            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            scaled = resize_images(images, size, resample)
             if flip:
                 scaled = torch.cat([scaled, scaled.flip(-1)])
             with precision(images.device, autocast):
@@ -66,6 +96,14 @@ def with_background(cams: Tensor, alpha: float) -> Tensor:
         peak = cams.new_zeros(batch, 1, height, width)
     background = (1.0 - peak).clamp(min=0.0).pow(alpha)
     return torch.cat([background, cams], dim=1)
+
+
+def with_constant_background(cams: Tensor, background: float = PSA_EVAL_BACKGROUND) -> Tensor:
+    """cams [B,C,H,W] in [0, 1] -> [B,C+1,H,W] with a constant background score first (psa's CAM
+    evaluation: 0.2)."""
+    if cams.dim() != 4:
+        raise ValueError(f"cams must be [B,C,H,W], got shape {tuple(cams.shape)}")
+    return torch.cat([torch.full_like(cams[:, :1], background), cams], dim=1)
 
 
 def cams_to_labels(scores: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ def tagged_cams(cam_net: nn.Module, images: Sequence[torch.Tensor], tags: Sequen
         tag_tensor = torch.as_tensor(np.stack([np.asarray(tags[i]) for i in group]), dtype=torch.float32,
                                      device=images[group[0]].device)
         cams = class_activation_maps(cam_net, torch.stack([images[i] for i in group]), config.scales,
-                                     config.flip, autocast)
+                                     config.flip, autocast, config.resample)
         cams = normalize_cams(cams, tag_tensor)
         for n, i in enumerate(group):
             present = torch.nonzero(tag_tensor[n] > 0).flatten()
@@ -58,18 +58,23 @@ def crf_scores(rgb: np.ndarray, scores: np.ndarray, config: CrfConfig) -> np.nda
     return dense_crf(rgb, probs.astype(np.float32), config)
 
 
-def seed_label(rgb: np.ndarray, cams: np.ndarray, keys: np.ndarray, config: CamConfig) -> np.ndarray:
-    """Stage B: confident seeds [H,W] uint8 (0 bg, keys fg, 255 don't care) from cams [n,H,W].
+def seed_crf_scores(rgb: np.ndarray, cams: np.ndarray, config: CamConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Stage B's CRF: cams [n,H,W] -> marginals (low, high) [n+1,H,W] float32, background first.
 
-    The CRF runs on the CAMs with background power alpha_low (confident foreground) and
-    alpha_high (confident background), as in the reference's seed extraction.
+    The dense CRF runs on the CAMs with the background (1 - max)^alpha_low (confident
+    foreground) and ^alpha_high (confident background), unnormalised, as psa's `infer_cls.py`.
     """
     cams_t = torch.from_numpy(np.asarray(cams, np.float32))[None]
-    labels = []
-    for alpha in (config.alpha_low, config.alpha_high):
-        scores = with_background(cams_t, alpha)[0].numpy()
-        labels.append(scores_to_labels(dense_crf(rgb, scores, config.crf), keys))
-    return seed_labels(labels[0], labels[1])
+    low, high = (dense_crf(rgb, with_background(cams_t, alpha)[0].numpy(), config.crf)
+                 for alpha in (config.alpha_low, config.alpha_high))
+    return low, high
+
+
+def seed_label(rgb: np.ndarray, cams: np.ndarray, keys: np.ndarray, config: CamConfig) -> np.ndarray:
+    """Stage B: confident seeds [H,W] uint8 (0 bg, keys fg, 255 don't care) from cams [n,H,W]:
+    the per-pixel rule of `seed_labels` on the argmax of `seed_crf_scores`."""
+    low, high = seed_crf_scores(rgb, cams, config)
+    return seed_labels(scores_to_labels(low, keys), scores_to_labels(high, keys))
 
 
 def walk_size(height: int, width: int, min_side: int) -> tuple[int, int]:

@@ -15,12 +15,14 @@ import torch
 from psa_ray.config import CamConfig, WalkConfig
 from psa_ray.io.images import resize_label
 from psa_ray.io.palette import decode_label_png, encode_label_png
+from psa_ray.io.seeds import encode_seed_scores
 from psa_ray.io.storage import read_bytes, redact
-from psa_ray.ops.cam import with_background
+from psa_ray.ops.cam import with_background, with_constant_background
 from psa_ray.ops.metrics import confusion_matrix
 from psa_ray.ops.pseudo_labels import (
-    crf_scores, scores_to_labels, seed_label, tagged_cams, upsample_scores, walk_scores)
+    crf_scores, scores_to_labels, seed_crf_scores, seed_label, tagged_cams, upsample_scores, walk_scores)
 from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
+from psa_ray.pipeline.writers import EVAL_VARIANTS
 
 
 def inference_device() -> torch.device:
@@ -127,16 +129,18 @@ class StageChain:
 
 
 class SeedActor:
-    """CPU stage B: dense CRF at alpha_low / alpha_high -> confident seed label PNG bytes."""
+    """CPU stage B: dense CRF at alpha_low / alpha_high -> seed PNG bytes: the CRF scores
+    (`cam.seed_scores`, psa) or the confident seed label map (`io.seeds`)."""
 
     def __init__(self, cam: CamConfig):
         self.cam = cam
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         def row(i: int) -> dict[str, Any]:
-            seed = seed_label(batch["rgb"][i], batch["cams"][i].astype(np.float32),
-                              batch["keys"][i], self.cam)
-            return {"png": encode_label_png(seed)}
+            rgb, cams, keys = batch["rgb"][i], batch["cams"][i].astype(np.float32), batch["keys"][i]
+            if self.cam.seed_scores:
+                return {"png": encode_seed_scores(*seed_crf_scores(rgb, cams, self.cam), keys)}
+            return {"png": encode_label_png(seed_label(rgb, cams, keys, self.cam))}
         out = per_row(batch, "seed", row, {"png": b""})
         return {k: out[k] for k in ("image_id", "png", "stage", "error", "message")}
 
@@ -175,6 +179,7 @@ class RefineActor:
             cams_t = torch.from_numpy(batch["cams"][i].astype(np.float32))[None]
             cams = with_background(cams_t, self.walk.alpha)[0].numpy()
             variants = {"cam": scores_to_labels(cams, keys),
+                        "psa": scores_to_labels(with_constant_background(cams_t)[0].numpy(), keys),
                         "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), keys),
                         "rw": scores_to_labels(walked, keys), "rw_crf": label}
             k = self.num_classes + 1
@@ -188,7 +193,7 @@ class RefineActor:
                                    "mean_confidence": 0.0}
         if self.evaluate:
             empty = np.zeros(0, np.int64)
-            columns.update({f"cm_{v}": empty for v in ("cam", "cam_crf", "rw", "rw_crf")})
+            columns.update({f"cm_{v}": empty for v in EVAL_VARIANTS})
         out = per_row(batch, "crf", lambda i: self._row(batch, i), columns)
         keep = ["image_id", "image", "tag_names", "stage", "error", "message", *columns]
         return {k: out[k] for k in keep}

@@ -56,6 +56,8 @@ class LabelJob:
     synthetic_images: int = 300
     train_workers: int | None = None
     epochs: int | None = None          # override every network's epochs (quick trials, tests)
+    crop_size: int | None = None       # override every network's training crop (quick trials, tests)
+    scales: tuple[float, ...] | None = None  # override the CAM scales (quick trials, tests)
     use_gpu: bool | None = None        # None: use GPUs if the cluster has them now
     seed: int = 0
 
@@ -70,6 +72,10 @@ def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
         overrides["num_workers"] = job.train_workers
     if job.epochs:
         overrides["epochs"] = job.epochs
+    if job.crop_size:
+        overrides["crop_size"] = job.crop_size
+    if job.scales:
+        preset = replace(preset, cam=replace(preset.cam, scales=tuple(job.scales)))
     if job.shard_rows:
         preset = replace(preset, pipeline=replace(preset.pipeline, shard_rows=job.shard_rows))
     return replace(preset,
@@ -220,7 +226,7 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
     shard is committed (an eval file without its shard belongs to an interrupted write)."""
     shards = {u.rsplit("/", 1)[-1] for u in list_files(join(output, "shards"), suffix=".parquet")}
     k = len(class_names) + 1
-    sums = {v: np.zeros((k, k), np.int64) for v in EVAL_VARIANTS}
+    sums: dict[str, np.ndarray | None] = {v: np.zeros((k, k), np.int64) for v in EVAL_VARIANTS}
     images = 0
     for uri in list_files(join(output, "eval"), suffix=".parquet"):
         if uri.rsplit("/", 1)[-1] not in shards:
@@ -228,11 +234,16 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
         row = read_table(uri).to_pylist()[0]
         images += row["images"]
         for v in EVAL_VARIANTS:
-            sums[v] += np.asarray(row[f"cm_{v}"], np.int64).reshape(k, k)
+            if row.get(f"cm_{v}") is None:
+                sums[v] = None  # written before the variant existed: not scored
+            elif sums[v] is not None:
+                sums[v] += np.asarray(row[f"cm_{v}"], np.int64).reshape(k, k)
     if not images:
         return None
     metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": images}
     for variant in EVAL_VARIANTS:
+        if sums[variant] is None:
+            continue  # eval files of an older run lack a newer variant (e.g. "psa")
         iou = iou_per_class(sums[variant])
         metrics[variant] = {"miou": float(np.nanmean(iou)),
                             "iou": [None if np.isnan(v) else float(v) for v in iou]}
@@ -252,12 +263,13 @@ def report_samples(output: str, class_names: list[str], gt: str | None, count: i
 def metrics_table(metrics: dict[str, Any]) -> str:
     """The per-class IoU table (percent) printed at the end of a run."""
     names = metrics["class_names"]
+    variants = [v for v in EVAL_VARIANTS if v in metrics]
     width = max(len(n) for n in [*names, "mIoU"]) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{v:>9}" for v in EVAL_VARIANTS)]
+    lines = [f"{'class':<{width}}" + "".join(f"{v:>9}" for v in variants)]
     for i, name in enumerate(names):
-        cells = [metrics[v]["iou"][i] for v in EVAL_VARIANTS]
+        cells = [metrics[v]["iou"][i] for v in variants]
         lines.append(f"{name:<{width}}" + "".join("      n/a" if c is None else f"{100 * c:9.1f}" for c in cells))
-    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * metrics[v]['miou']:9.1f}" for v in EVAL_VARIANTS))
+    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * metrics[v]['miou']:9.1f}" for v in variants))
     return "\n".join(lines)
 
 
@@ -328,7 +340,7 @@ def run(job: LabelJob) -> dict[str, Any]:
         "train_sample": index.sample or None,
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
-        "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS} if metrics else None,
+        "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS if v in metrics} if metrics else None,
     }
     write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record

@@ -7,7 +7,7 @@ import numpy as np
 import ray
 
 from psa_ray.io.images import ImageDecodeError, decode_scaled, resize_label
-from psa_ray.io.palette import decode_label_png
+from psa_ray.io.seeds import decode_seed
 from psa_ray.io.storage import ObjectTooLargeError, is_transient, read_bytes, redact
 
 # Images whose long side is above MAX_SIDE are processed shrunk to it; labels come back full size.
@@ -34,10 +34,10 @@ def _read_row(image_uri: str, mask_uri: str | None,
     image = decode_scaled(read_bytes(image_uri, max_bytes=MAX_IMAGE_BYTES), max_side=max_side)
     rgb, mask = image.rgb, None
     if mask_uri is not None:
-        mask = decode_label_png(read_bytes(mask_uri))
+        mask = decode_seed(read_bytes(mask_uri))  # a label map, or stage-B seed scores (io/seeds.py)
         if mask.shape == (image.height, image.width):
             mask = resize_label(mask, *rgb.shape[:2])
-        if mask.shape != rgb.shape[:2]:
+        if mask.shape[-2:] != rgb.shape[:2]:
             raise ImageDecodeError(f"mask {mask.shape} matches neither the image "
                                    f"{(image.height, image.width)} nor its processing size {rgb.shape[:2]}")
     return rgb, mask, image.height, image.width

@@ -21,7 +21,8 @@ from ray.data.block import BlockAccessor
 from psa_ray.io.manifest import ERROR_SCHEMA
 from psa_ray.io.storage import filesystem, join, list_files, read_bytes, with_retries, write_bytes
 
-EVAL_VARIANTS = ("cam", "cam_crf", "rw", "rw_crf")
+# psa: the CAMs with psa's constant background 0.2 (its README's CAM mIoU); cam: with (1-max)^alpha
+EVAL_VARIANTS = ("cam", "psa", "cam_crf", "rw", "rw_crf")
 
 
 def digest(image_ids: Iterable[str]) -> str:

@@ -1,7 +1,10 @@
-"""The paper's training augmentation with torchvision transforms v2, for an image and its optional mask.
+"""psa's training augmentation with torchvision transforms v2, for an image and its optional target.
 
-Random long-side resize, horizontal flip, colour jitter, ImageNet normalisation and a random crop
-(padded with 0 for the image, 255 = ignore for the mask), then stacked into a batch.
+Random long-side resize (none when `resize_long` is None: psa's AffinityNet training), horizontal
+flip, colour jitter, ImageNet normalisation and a random crop (padded with 0 for the image, 255 =
+ignore for a label mask, 0 for seed scores), then stacked into a batch. The target is a label map
+[H,W] (seeds, pseudo labels) or stage-B seed scores [2,n+1,H,W] (`io.seeds`); scores are turned
+into AffinityNet's labels on the stride-8 grid after the crop (`ops.affinity.cell_seed_labels`).
 """
 from __future__ import annotations
 
@@ -16,8 +19,13 @@ from torchvision.transforms.v2 import functional as F
 
 from psa_ray.config import TrainConfig
 from psa_ray.models.inference import IMAGENET_MEAN, IMAGENET_STD
+from psa_ray.ops.affinity import cell_seed_labels
 
 IGNORE = 255
+
+
+class SeedScores(tv_tensors.Mask):
+    """Stage-B seed scores [2,n+1,H,W] uint8: cropped and flipped like a mask, padded with 0."""
 
 
 class RandomLongSideResize(v2.Transform):
@@ -38,31 +46,36 @@ class RandomLongSideResize(v2.Transform):
 
 
 class TrainAugment:
-    """Callable turning (rgb uint8 [H,W,3], mask uint8 [H,W] | None) into ([3,S,S], [S,S] | None)."""
+    """Callable turning (rgb uint8 [H,W,3], target uint8 [H,W] or [2,n+1,H,W] | None) into
+    ([3,S,S], target [S,S] or [2,n+1,S,S] | None)."""
 
     def __init__(self, config: TrainConfig):
         brightness, contrast, saturation, hue = config.color_jitter
+        resize = [] if config.resize_long is None else [RandomLongSideResize(*config.resize_long)]
         self.transform = v2.Compose([
-            RandomLongSideResize(*config.resize_long),
+            *resize,
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness, contrast, saturation, hue),
             v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             v2.RandomCrop(config.crop_size, pad_if_needed=True,
-                          fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}),
+                          fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE, SeedScores: 0}),
         ])
 
     def __call__(self, rgb: np.ndarray, mask: np.ndarray | None = None):
         image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1))
         if mask is None:
             return self.transform(image), None
-        out_image, out_mask = self.transform(image, tv_tensors.Mask(torch.from_numpy(np.array(mask))))
-        return out_image, out_mask
+        target = torch.from_numpy(np.array(mask))
+        target = target.as_subclass(SeedScores) if target.dim() == 4 else tv_tensors.Mask(target)
+        return self.transform(image, target)
 
     def batch(self, rgbs: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None):
-        """Augment each sample and stack: images [B,3,S,S] float, masks [B,S,S] int64 or None."""
+        """Augment each sample and stack: images [B,3,S,S] float, targets int64 or None: label
+        masks [B,S,S], or for seed scores the labels of `cell_seed_labels` [B,ceil(S/8),ceil(S/8)]."""
         pairs = [self(rgb, None if masks is None else masks[i]) for i, rgb in enumerate(rgbs)]
         images = torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs])
         if masks is None:
             return images, None
-        return images, torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs]).long()
+        targets = [cell_seed_labels(p[1]) if isinstance(p[1], SeedScores) else p[1] for p in pairs]
+        return images, torch.stack([t.as_subclass(torch.Tensor) for t in targets]).long()

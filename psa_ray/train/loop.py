@@ -25,7 +25,7 @@ from psa_ray.io.storage import join, write_bytes
 from psa_ray.models.inference import META_FILE
 from psa_ray.models.weights import load_weights
 from psa_ray.train.augment import TrainAugment
-from psa_ray.train.tasks import get_task
+from psa_ray.train.tasks import freezes_pretrained, get_task
 
 MODEL_FILE, STATE_FILE = "model.pt", "train_state.pt"
 
@@ -63,7 +63,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     device = get_device()
 
-    model = task.build(config.backbone, loop_config["num_classes"])
+    model = task.build(config.backbone, loop_config["num_classes"], config.segmentation_head)
+    if freezes_pretrained(config, loop_config.get("init")):
+        model.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
     optimizer = make_optimizer(model, config)
     start_epoch, step, first_loss = 0, 0, None
     checkpoint = ray.train.get_checkpoint()

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psa_ray.config import TrainConfig
 from psa_ray.models.networks import build_model
 from psa_ray.ops.affinity import affinity_labels, affinity_loss, feature_affinities
 from psa_ray.train.augment import IGNORE
@@ -21,11 +22,18 @@ class Task:
     uses_mask: bool
     loss: Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
 
-    def build(self, backbone: str, num_classes: int) -> nn.Module:
-        """The untrained network; `num_classes` counts foreground classes (DeepLab adds background)."""
+    def build(self, backbone: str, num_classes: int, head: str = "aspp") -> nn.Module:
+        """The untrained network; `num_classes` counts foreground classes (DeepLab adds background;
+        `head`: its segmentation head, see `models.networks.SEGMENTATION_HEADS`)."""
         if self.kind == "deeplab":
-            return build_model(self.kind, backbone, num_classes + 1)
+            return build_model(self.kind, backbone, num_classes + 1, head)
         return build_model(self.kind, backbone, num_classes if self.kind == "cam" else None)
+
+
+def freezes_pretrained(config: TrainConfig, init: dict[str, Any] | None) -> bool:
+    """Whether a run freezes psa's layers (`freeze_pretrained` of the network): the config asks for
+    it and the backbone starts from weights (`backbone_weights`, or `init` from another network)."""
+    return config.freeze_pretrained and bool(config.backbone_weights or init)
 
 
 def cam_loss(model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor]):
@@ -37,7 +45,9 @@ def cam_loss(model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tens
 
 def make_affinity_loss(radius: int):
     def loss_fn(model: nn.Module, images: torch.Tensor, batch: dict[str, torch.Tensor]):
-        """Affinity loss on pairs within `radius` of the seed map, reduced to the feature grid."""
+        """Affinity loss on pairs within `radius` of the seeds [B,H,W]: hard seed maps of the crop
+        (nearest-sampled to the feature grid), or labels already on the grid (`augment`'s
+        psa rule on seed scores), for which the sampling is the identity."""
         features = model(images)
         seeds = F.interpolate(batch["mask"][:, None].float(), size=features.shape[-2:],
                               mode="nearest")[:, 0].long()
