@@ -102,8 +102,12 @@ def decoded_dataset(rows: ray.data.Dataset, *, num_cpus: float = 1.0,
                     max_side: int | None = MAX_SIDE) -> ray.data.Dataset:
     """Pipeline rows in blocks of ROWS_PER_BLOCK, then `decode_rows` in CPU tasks (S3 endpoint
     from AWS_ENDPOINT_URL)."""
-    return rows.repartition(target_num_rows_per_block=ROWS_PER_BLOCK).map_batches(
-        decode_rows, batch_size=8, num_cpus=num_cpus, fn_kwargs={"max_side": max_side})
+    blocks = rows.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+    # Ray 2.60's repartition takes no resource argument and asks for a whole CPU, which on a
+    # 2-core (or 1-core) node beside the fractional actors leaves nothing for the writes until it
+    # has streamed its whole input; with the CPUs of the step before it, it fuses into that step.
+    blocks._logical_plan.dag.ray_remote_args["num_cpus"] = num_cpus
+    return blocks.map_batches(decode_rows, batch_size=8, num_cpus=num_cpus, fn_kwargs={"max_side": max_side})
 
 
 def drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
