@@ -37,13 +37,20 @@ def encode_label_png(label: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def decode_label_png(data: bytes) -> np.ndarray:
-    """Palette ('P', read by index) or 8-bit grey ('L') PNG bytes -> [H,W] uint8 label map."""
+def open_png(data: bytes, what: str = "label") -> Image.Image:
+    """PNG bytes, loaded; ImageDecodeError (naming `what`) if they are not a readable PNG."""
     try:
         image = Image.open(io.BytesIO(data), formats=("PNG",))
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(f"unreadable label PNG: {type(e).__name__}: {e}") from e
+        raise ImageDecodeError(f"unreadable {what} PNG: {type(e).__name__}: {e}") from e
+    return image
+
+
+def decode_label_png(data: bytes | Image.Image) -> np.ndarray:
+    """Palette ('P', read by index) or 8-bit grey ('L') PNG bytes (or an opened PNG) -> [H,W]
+    uint8 label map."""
+    image = data if isinstance(data, Image.Image) else open_png(data)
     if image.mode not in ("P", "L"):
         raise ImageDecodeError(f"label PNG must be 8-bit palette or grey, got mode {image.mode}")
     return np.asarray(image, dtype=np.uint8)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from psa_ray.io.images import ImageDecodeError
-from psa_ray.io.palette import decode_label_png
+from psa_ray.io.palette import decode_label_png, open_png
 
 SCORES_KEY = "psa_ray-seed-scores"
 CLASSES_KEY = "psa_ray-seed-classes"
@@ -48,14 +48,10 @@ def encode_seed_scores(low: np.ndarray, high: np.ndarray, keys: np.ndarray) -> b
 
 def decode_seed(data: bytes) -> np.ndarray:
     """Seed PNG bytes -> a label map [H,W] uint8, or seed scores [2,n+1,H,W] uint8."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=("PNG",))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(f"unreadable seed PNG: {type(e).__name__}: {e}") from e
+    image = open_png(data, "seed")
     channels = image.info.get(SCORES_KEY)
     if channels is None:
-        return decode_label_png(data)
+        return decode_label_png(image)
     if image.mode != "L" or not str(channels).isdigit() or int(channels) < 1 \
             or image.height % (2 * int(channels)):
         raise ImageDecodeError(f"bad seed-score PNG: mode {image.mode}, {image.height} rows, "
