@@ -123,7 +123,7 @@ class CorpusSink(Datasink):
             table = BlockAccessor.for_block(block).to_arrow()
             if table.num_rows == 0:
                 continue
-            name = f"{min(table.column('row').to_pylist()):016x}.parquet"
+            name = f"{pa.compute.min(table.column('row')).as_py():016x}.parquet"
             bad = pa.compute.not_equal(table.column("error"), "")
             good = table.filter(pa.compute.invert(bad)).select(ROWS_SCHEMA.names)
             errors = table.filter(bad).select(ERROR_SCHEMA.names)
