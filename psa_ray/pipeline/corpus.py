@@ -33,9 +33,9 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from psa_ray.io.manifest import (
-    ERROR_SCHEMA, CorpusRow, ManifestError, ManifestPart, RowError, absolute_base,
+    ERROR_SCHEMA, ROW_STRIDE, CorpusRow, ManifestError, ManifestPart, RowError, absolute_base,
     all_rejected_message, check_record, duplicate_error, id_key, manifest_base, manifest_parts,
-    part_records, read_corpus, resolve_classes, voc_root)
+    parquet_batches, parquet_records, part_records, plain_rows, read_corpus, resolve_classes, voc_root)
 from psa_ray.io.storage import exists, filesystem, join, list_files, read_bytes, remove_tree, write_bytes
 from psa_ray.pipeline.writers import error_table, read_table, table_rows, write_table
 
@@ -65,11 +65,15 @@ class CorpusIndex:
 
 # --------------------------------------------------------------------------- reading the manifest
 
+CHECKED_SCHEMA = ROWS_SCHEMA.append(pa.field("stage", pa.string())).append(
+    pa.field("error", pa.string())).append(pa.field("message", pa.string()))
+
+
 def checked_table(records: list[dict[str, Any]], class_names: list[str], known: set[str],
                   base: str) -> pa.Table:
     """records (io.manifest.part_records) checked: usable rows in ROWS_SCHEMA, plus the error
-    columns (ERROR_SCHEMA: `error` is '' for usable rows)."""
-    columns: dict[str, list[Any]] = {name: [] for name in (*ROWS_SCHEMA.names, "stage", "error", "message")}
+    columns (ERROR_SCHEMA: `error` is '' for usable rows); CHECKED_SCHEMA."""
+    columns: dict[str, list[Any]] = {name: [] for name in CHECKED_SCHEMA.names}
     for record in records:
         checked = check_record(record, class_names, known, base)
         ok = isinstance(checked, CorpusRow)
@@ -82,15 +86,37 @@ def checked_table(records: list[dict[str, Any]], class_names: list[str], known: 
         columns["stage"].append("" if ok else checked.stage)
         columns["error"].append("" if ok else checked.error)
         columns["message"].append("" if ok else checked.message)
-    schema = ROWS_SCHEMA.append(pa.field("stage", pa.string())).append(
-        pa.field("error", pa.string())).append(pa.field("message", pa.string()))
-    return pa.Table.from_pydict(columns, schema=schema)
+    return pa.Table.from_pydict(columns, schema=CHECKED_SCHEMA)
+
+
+def plain_table(part: ManifestPart, table: pa.Table, file_rows: np.ndarray, base: str) -> pa.Table:
+    """Rows that `io.manifest.plain_rows` passed (at file_rows, 0-based), as `checked_table` would
+    give them, from Arrow columns: the image joined to base, tags joined by '|'."""
+    n = table.num_rows
+    empty = pa.array([""] * n, pa.string())
+    ids = table.column("image_id").combine_chunks()
+    return pa.table({
+        "image_id": ids,
+        "image": pa.compute.binary_join_element_wise(base.rstrip("/"), table.column("image"), "/"),
+        "tag_names": pa.compute.binary_join(table.column("tags"), "|"),
+        "row": pa.array(part.file_index * ROW_STRIDE + file_rows, pa.int64()),
+        "where": pa.compute.binary_join_element_wise(f"{part.label}row ", pa.array(file_rows + 1).cast(pa.string()), ""),
+        "key": pa.array([id_key(i) for i in ids.to_pylist()], pa.binary(16)),
+        "stage": empty, "error": empty, "message": empty}, schema=CHECKED_SCHEMA)
 
 
 def _read_part(part: ManifestPart, class_names: list[str], base: str) -> Iterator[pa.Table]:
     known = set(class_names)
-    for records in part_records(part, BLOCK_ROWS):
-        yield checked_table(records, class_names, known, base)
+    if part.fmt != "parquet":
+        for records in part_records(part, BLOCK_ROWS):
+            yield checked_table(records, class_names, known, base)
+        return
+    for first, table in parquet_batches(part, BLOCK_ROWS):
+        rows = np.arange(first, first + table.num_rows)
+        plain = plain_rows(table, class_names, base)
+        others = parquet_records(part, table.filter(pa.array(~plain)), rows[~plain])
+        yield pa.concat_tables([plain_table(part, table.filter(pa.array(plain)), rows[plain], base),
+                                checked_table(others, class_names, known, base)]).sort_by("row")
 
 
 class ManifestDatasource(Datasource):
