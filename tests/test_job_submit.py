@@ -5,7 +5,8 @@ processes; `ray stop` would kill every Ray process on the machine).
 The head runs as the manifests in infra/ set a cluster up: token authentication on
 (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN in every node's environment, as KubeRay's
 `authOptions: {mode: token}` does) and S3 credentials in the nodes' environment (the Secret
-psa-ray-s3). A client without the token is refused; one with it labels the corpus; and neither
+psa-ray-s3). A client without the token is refused; one with it labels the corpus (with given
+networks: training runs in tests/test_pipeline.py and tests/test_train.py); and neither
 the token nor the S3 keys end up in anything the run wrote."""
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _leaks(texts: dict[str, bytes], secret_values: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_label_job_through_ray_job_submit(s3_server, local_ray_cluster):
+def test_label_job_through_ray_job_submit(s3_server, trained_checkpoints, local_ray_cluster):
     token = secrets.token_hex(32)  # the form `ray get-auth-token --generate` makes
     # Fresh random keys: fixed ones would also be found in the repository copy the job runs from.
     s3_keys = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
@@ -63,7 +64,8 @@ def test_label_job_through_ray_job_submit(s3_server, local_ray_cluster):
     out = f"s3://{bucket}/run"
     submit = [RAY, "job", "submit", "--address", head.job_server, "--working-dir", REPO, "--",
               sys.executable, "jobs/label_dataset.py", "--output", out,
-              "--synthetic-images", "8", "--epochs", "1", "--train-workers", "1"]
+              "--synthetic-images", "8", "--cam-checkpoint", trained_checkpoints["cam"],
+              "--affinity-checkpoint", trained_checkpoints["affinity"]]
     jobs = JobSubmissionClient(head.job_server, headers={"Authorization": f"Bearer {token}"})
 
     anonymous = {k: v for k, v in local_ray_cluster.env.items() if k not in AUTH_VARS}

@@ -1,4 +1,4 @@
-"""Ray Train: the three networks on 2 gloo workers, checkpoints in S3 (moto), resume after a kill."""
+"""Ray Train: the CAM network and DeepLab on 2 gloo workers, checkpoints in S3 (moto), resume after a kill."""
 from __future__ import annotations
 
 import json
@@ -87,7 +87,9 @@ def _corpus_loss(task, model, root, corpus, size: int = 96) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["cam", "affinity", "deeplab"])
+# AffinityNet trains through the same loop in every end-to-end job (tests/test_pipeline.py); here
+# the image-level loss and the mask loss, on two workers.
+@pytest.mark.parametrize("kind", ["cam", "deeplab"])
 def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_module):
     from psa_ray.pipeline.labeling import train_stage
     from psa_ray.pipeline.readers import rows_dataset
@@ -128,7 +130,7 @@ def test_killed_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     """SIGKILL the training driver after its first checkpoint; the rerun continues the step count."""
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(REPO, "jobs", "train_cam.py"), "--output", out,
-           "--synthetic-images", "64", "--epochs", "8", "--workers", "1", "--cpus-per-worker", "0.5",
+           "--synthetic-images", "32", "--epochs", "4", "--workers", "1", "--cpus-per-worker", "0.5",
            "--val-fraction", "0"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,6 +153,6 @@ def test_killed_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     report = json.loads(done.stdout[done.stdout.index("{\n"):])
     metrics = report["metrics"]
     assert metrics["resumed_from_epoch"] >= 1
-    assert metrics["epoch"] == 8
-    steps_per_epoch = -(-64 // 16)
-    assert metrics["step"] == 8 * steps_per_epoch
+    assert metrics["epoch"] == 4
+    steps_per_epoch = -(-32 // 16)
+    assert metrics["step"] == 4 * steps_per_epoch
