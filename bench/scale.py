@@ -50,11 +50,12 @@ FIRST_DECODE = """
 import json, sys, time
 started = time.perf_counter()
 import ray
+from psa_ray.config import PRESETS
 from psa_ray.pipeline.corpus import corpus_dataset, prepare_corpus
 from psa_ray.pipeline.readers import decoded_dataset
 ray.init(include_dashboard=False, log_to_driver=False)
 index = prepare_corpus(sys.argv[1], sys.argv[2])
-next(iter(decoded_dataset(corpus_dataset(index)).iter_rows()))
+next(iter(decoded_dataset(corpus_dataset(index), num_cpus=PRESETS["demo"].pipeline.decode_cpus).iter_rows()))
 print(json.dumps({"first_decoded_s": time.perf_counter() - started}))
 """
 

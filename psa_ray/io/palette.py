@@ -21,6 +21,7 @@ def _voc_palette() -> list[int]:
     return palette
 
 
+IGNORE = 255  # the label of pixels that no loss or score counts (VOC's object borders, padding)
 VOC_PALETTE: list[int] = _voc_palette()  # 768 ints: r0, g0, b0, r1, ...; index 255 = (224, 224, 192)
 _PALETTE_RGB = np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = 255
+from psa_ray.io.palette import IGNORE
+
 EPS = 1e-5
 
 

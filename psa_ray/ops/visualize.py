@@ -11,9 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from psa_ray.io.palette import colorize
+from psa_ray.io.palette import IGNORE, colorize
 
-IGNORE = 255
 PAD = 6                      # pixels around and between panels and legend entries
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)

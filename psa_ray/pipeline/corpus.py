@@ -1,14 +1,17 @@
 """The corpus as Ray Data streams it: the manifest validated once into `<output>/rows/`, then read
-by every stage with Ray Data's Parquet reader. Nothing on the driver grows with the corpus but
-one 16-byte key per row while duplicates and the training sample are found (160 MB at 10M rows).
+by every stage as Parquet tables (`TableFilesDatasource`). Nothing on the driver grows with the
+corpus but the first 8 bytes of each row's key while duplicates and the training sample are found
+(80 MB at 10M rows), and the 16-byte keys of committed rows when a run resumes.
 
 - `prepare_corpus` (once per output; a rerun reuses it): Ray Data reads the manifest's parts
   (`ManifestDatasource`: Parquet row groups, JSONL/CSV files, local or s3://) and checks each row
-  in its read task (`io.manifest.check_record`); `CorpusSink` writes the usable rows to
+  in its read task (`io.manifest.plain_rows` with Arrow kernels, `check_record` for the rows
+  that need more); `CorpusSink` writes the usable rows to
   `rows/part-<first row>.parquet` and the rejected ones to `errors/manifest-<first row>.parquet`.
-  The rows' keys (`io.manifest.id_key`) then give the duplicate ids (the first row in manifest
-  order keeps an id; `errors/manifest-duplicates.parquet` holds the others) and the training
-  sample (the rows of the `train_images` smallest keys). `rows/_corpus.json`, written last, marks
+  The rows' key prefixes (`io.manifest.id_key`) then give the duplicate ids (rows of a repeated
+  prefix are compared by id; the first row in manifest order keeps an id;
+  `errors/manifest-duplicates.parquet` holds the others) and the training sample (the rows of the
+  `train_images` smallest keys). `rows/_corpus.json`, written last, marks
   the folder complete; an incomplete one is removed and redone.
 - `corpus_dataset`: the usable rows as a Dataset (`image_id, image, tag_names, tags` multi-hot,
   `gt_uri`, optionally `mask_uri`), optionally only the sample, without or only with the ids
@@ -207,6 +210,26 @@ def _keys(batch: pa.Table) -> np.ndarray:
     return data[column.offset: column.offset + len(column)]
 
 
+def _prefixes(batch: pa.Table) -> np.ndarray:
+    """The first 8 bytes of each key of a batch as uint64 (their order is the keys' order)."""
+    keys = _keys(batch)
+    return np.frombuffer(keys.tobytes(), ">u8")[::2].astype(np.uint64)
+
+
+def collect_prefixes(ds: ray.data.Dataset, count: int) -> np.ndarray:
+    """The 8-byte prefixes of all `key` values of a dataset of at most `count` rows, sorted, in
+    one uint64 array on the driver (8 bytes a row, filled in place: 80 MB at 10M rows)."""
+    prefixes = np.empty(count, np.uint64)
+    filled = 0
+    for batch in ds.iter_batches(batch_size=1 << 18, batch_format="pyarrow"):
+        part = _prefixes(batch)
+        prefixes[filled: filled + part.size] = part
+        filled += part.size
+    prefixes = prefixes[:filled]
+    prefixes.sort()
+    return prefixes
+
+
 def collect_keys(ds: ray.data.Dataset, count: int) -> np.ndarray:
     """All `key` values of a dataset of at most `count` rows, sorted, in one array on the driver
     (filled in place: 16 bytes a row, no second copy)."""
@@ -251,21 +274,23 @@ def committed_keys(tables: str, errors: str | None = None) -> Any:
 
 # --------------------------------------------------------------------------- the corpus index
 
-def _duplicate_keys(keys: np.ndarray) -> np.ndarray:
-    """The keys that occur more than once in a sorted key array."""
-    repeated = keys[1:] == keys[:-1]
-    return np.unique(keys[1:][repeated])
+def _repeated(values: np.ndarray) -> np.ndarray:
+    """The values that occur more than once in a sorted array."""
+    repeated = values[1:] == values[:-1]
+    return np.unique(values[1:][repeated])
 
 
-def _duplicates(rows: ray.data.Dataset, keys: np.ndarray) -> tuple[list[RowError], np.ndarray]:
-    """Error rows of the usable rows whose id an earlier row keeps, and their `row` numbers."""
-    dup_keys = _duplicate_keys(keys)
-    if dup_keys.size == 0:
+def _duplicates(rows: ray.data.Dataset, prefixes: np.ndarray) -> tuple[list[RowError], np.ndarray]:
+    """Error rows of the usable rows whose id an earlier row keeps, and their `row` numbers. The
+    rows whose key prefix repeats are fetched and compared by id (a shared prefix of two ids is
+    a candidate, not a duplicate)."""
+    repeated = _repeated(prefixes)
+    if repeated.size == 0:
         return [], np.zeros(0, np.int64)
-    ref = ray.put(dup_keys)
+    ref = ray.put(repeated)
 
     def candidates(batch: pa.Table) -> pa.Table:
-        return batch.filter(pa.array(np.isin(_keys(batch), ray.get(ref))))
+        return batch.filter(pa.array(np.isin(_prefixes(batch), ray.get(ref))))
 
     found = rows.map_batches(candidates, batch_format="pyarrow", num_cpus=READ_CPUS).take_all()
     found.sort(key=lambda r: r["row"])
@@ -286,11 +311,13 @@ def sample_rule(train_images: int) -> str:
             "(psa_ray.io.manifest.id_key); all images when the corpus has fewer")
 
 
-def _sample(keys: np.ndarray, train_images: int) -> dict[str, Any]:
-    """The training sample over sorted unique keys: its size, rule and largest key (hex)."""
-    size = min(train_images, len(keys))
+def _sample(prefixes: np.ndarray, train_images: int) -> dict[str, Any]:
+    """The training sample over the sorted unique key prefixes of the usable rows: its size, rule
+    and threshold (hex; a key is in the sample when it is <= the threshold, i.e. when its prefix
+    is at most the size-th smallest: one image more per prefix tie at that place)."""
+    size = min(train_images, len(prefixes))
     return {"train_images": train_images, "size": int(size), "rule": sample_rule(train_images),
-            "threshold": keys[size - 1].ljust(16, b"\0").hex() if size else ""}
+            "threshold": (int(prefixes[size - 1]).to_bytes(8, "big") + b"\xff" * 8).hex() if size else ""}
 
 
 def _unique(keys: np.ndarray) -> np.ndarray:
@@ -326,9 +353,9 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
     if exists(marker):
         index = CorpusIndex(**json.loads(read_bytes(marker)))
         if train_images and index.sample.get("train_images") != train_images:
-            keys = collect_keys(_parquet_dataset(rows_uri, ["key"], name_prefix="part-"),
-                                table_rows(rows_uri, name_prefix="part-"))
-            index = replace(index, sample=_sample(_unique(keys), train_images))
+            prefixes = collect_prefixes(_parquet_dataset(rows_uri, ["key"], name_prefix="part-"),
+                                        table_rows(rows_uri, name_prefix="part-"))
+            index = replace(index, sample=_sample(_unique(prefixes), train_images))
             write_bytes(marker, json.dumps(asdict(index), indent=2).encode())
         return index
     created = not exists(output)
@@ -349,10 +376,11 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
         remove_tree(output if created else rows_uri)
         raise ManifestError(message)
 
-    keys = collect_keys(rows, table_rows(rows_uri, name_prefix="part-"))
-    dup_errors, losers = _duplicates(rows, keys)
-    unique = _unique(keys) if dup_errors else keys  # no second copy of a corpus without duplicates
-    del keys
+    count = table_rows(rows_uri, name_prefix="part-")
+    prefixes = collect_prefixes(_parquet_dataset(rows_uri, ["key"], name_prefix="part-"), count)
+    dup_errors, losers = _duplicates(rows, prefixes)
+    if dup_errors:  # no second copy of a corpus without duplicates
+        prefixes = _unique(prefixes)
     duplicates_uri = None
     if dup_errors:
         duplicates_uri = join(output, "errors", DUPLICATES_FILE)
@@ -362,10 +390,10 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
         name = posixpath.basename(uri)
         if name.startswith("rejected-"):
             write_bytes(join(output, "errors", "manifest-" + name[len("rejected-"):]), read_bytes(uri))
-    index = CorpusIndex(rows_uri=rows_uri, class_names=names, num_rows=int(unique.size),
+    index = CorpusIndex(rows_uri=rows_uri, class_names=names, num_rows=count - len(losers),
                         num_errors=table_rows(join(output, "errors"), name_prefix="manifest-"),
                         duplicates_uri=duplicates_uri,
-                        sample=_sample(unique, train_images) if train_images else {})
+                        sample=_sample(prefixes, train_images) if train_images else {})
     write_bytes(marker, json.dumps(asdict(index), indent=2).encode())
     return index
 

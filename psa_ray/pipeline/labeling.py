@@ -6,6 +6,7 @@ labels are not relabeled.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import time
@@ -351,7 +352,6 @@ def run(job: LabelJob) -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
     import pyarrow
-    import torchvision
     return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "torchvision": importlib.metadata.version("torchvision"), "numpy": np.__version__,
             "pyarrow": pyarrow.__version__}

@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from psa_ray.io.palette import decode_label_png
+from psa_ray.io.palette import IGNORE, decode_label_png
 from psa_ray.io.storage import list_files, read_bytes
 from psa_ray.ops.metrics import confusion_matrix, iou_per_class, mean_iou
 
-IGNORE = 255
 VALUES = 256          # label PNGs are 8-bit: values 0..255
 CHUNK = 64            # images read at a time (bounds memory on large folders)
 READ_THREADS = 16

@@ -18,10 +18,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from psa_ray.config import TrainConfig
+from psa_ray.io.palette import IGNORE
 from psa_ray.models.inference import IMAGENET_MEAN, IMAGENET_STD
 from psa_ray.ops.affinity import cell_seed_labels
 
-IGNORE = 255
 
 
 class SeedScores(tv_tensors.Mask):

@@ -24,7 +24,6 @@ from psa_ray.config import TrainConfig, to_dict
 from psa_ray.io.storage import join, write_bytes
 from psa_ray.models.inference import META_FILE
 from psa_ray.models.weights import load_weights
-from psa_ray.train.augment import TrainAugment
 from psa_ray.train.tasks import freezes_pretrained, get_task
 
 MODEL_FILE, STATE_FILE = "model.pt", "train_state.pt"
@@ -80,6 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = prepare_model(model.to(device))
     core = model.module if hasattr(model, "module") else model
 
+    # here, in the worker: the driver (which only plans Ray Train) never loads torchvision (~165 MB)
+    from psa_ray.train.augment import TrainAugment
     augment = TrainAugment(config)
     per_worker_batch = max(1, config.batch_size // world)
     max_steps = max(1, loop_config["steps_per_epoch"] * config.epochs)

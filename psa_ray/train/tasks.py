@@ -11,7 +11,7 @@ from torch import nn
 from psa_ray.config import TrainConfig
 from psa_ray.models.networks import build_model
 from psa_ray.ops.affinity import affinity_labels, affinity_loss, feature_affinities
-from psa_ray.train.augment import IGNORE
+from psa_ray.io.palette import IGNORE
 
 
 @dataclass(frozen=True)
