@@ -14,9 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from psa_ray.io.manifest import ManifestError, resolve_classes  # noqa: E402
-from psa_ray.io.storage import redact, write_bytes  # noqa: E402
-from psa_ray.pipeline.scoring import ScoringError, iou_table, score_folders  # noqa: E402
+from psa_ray.errors import run_job  # noqa: E402
+from psa_ray.io.manifest import resolve_classes  # noqa: E402
+from psa_ray.io.storage import write_bytes  # noqa: E402
+from psa_ray.pipeline.scoring import iou_table, score_folders  # noqa: E402
 
 LISTED = 5  # ids shown when some labels or ground truths have no partner
 
@@ -45,12 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    try:
-        names = resolve_classes(args.classes, args.labels) if args.classes else None
-        result = score_folders(args.labels, args.gt, None if names is None else len(names) + 1)
-    except (ManifestError, ScoringError) as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    names = resolve_classes(args.classes, args.labels) if args.classes else None
+    result = score_folders(args.labels, args.gt, None if names is None else len(names) + 1)
     class_names = ["background", *(names or [f"class {k}" for k in range(1, result["num_classes"])])]
     for ids, what in ((result["labels_without_gt"], f"labels have no ground truth under {args.gt}"),
                       (result["gt_without_labels"], f"ground-truth files have no label under {args.labels}")):
@@ -64,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

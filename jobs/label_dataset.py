@@ -11,11 +11,11 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psa_ray.config import PRESETS  # noqa: E402
+from psa_ray.errors import run_job  # noqa: E402
 from psa_ray.io.storage import redact  # noqa: E402
 from psa_ray.models.backbones import BACKBONES  # noqa: E402
 from psa_ray.pipeline.labeling import LabelJob, metrics_table, run  # noqa: E402
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                    train_workers=args.train_workers, epochs=args.epochs, crop_size=args.crop_size,
                    scales=tuple(args.scales) if args.scales else None, use_gpu=args.use_gpu,
                    seed=args.seed)
-    try:
-        summary = run(job)
-    except Exception:  # the traceback without the credentials a library put in a message
-        print(redact(traceback.format_exc()), file=sys.stderr)
-        return 1
+    summary = run(job)
     print("\n=== psa_ray run", summary["run_id"], "===")
     print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))
     if summary["metrics_full"]:
@@ -95,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -17,8 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psa_ray.config import PRESETS  # noqa: E402
-from psa_ray.io.manifest import ManifestError  # noqa: E402
-from psa_ray.io.storage import exists, join, redact, write_bytes  # noqa: E402
+from psa_ray.errors import UserError, run_job  # noqa: E402
+from psa_ray.io.storage import exists, join, write_bytes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,19 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
     if exists(join(args.output, "run.json")):
-        print(f"error: {args.output} holds a labeling run (run.json); its labels/ would mix with "
-              "the predictions: pass another --output", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.output} holds a labeling run (run.json); its labels/ would mix with "
+                        "the predictions: pass another --output")
     import ray
 
     from psa_ray.pipeline.labeling import cluster_shape
     from psa_ray.pipeline.predict import image_rows, predict
 
-    try:
-        rows, row_errors = image_rows(args.input)
-    except ManifestError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    rows, row_errors = image_rows(args.input)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
     ray.init(runtime_env={"env_vars": env} if env else None)
     has_gpu, small = cluster_shape(args.use_gpu)
@@ -76,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

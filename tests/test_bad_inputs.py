@@ -6,6 +6,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -26,6 +28,8 @@ from psa_ray.pipeline.actors import RefineActor
 from psa_ray.pipeline.labeling import LabelJob, run
 from psa_ray.pipeline.readers import decode_rows
 from psa_ray.pipeline.writers import read_tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -355,6 +359,27 @@ def test_manifest_problems_stop_the_job_before_any_work(ray_cluster, tmp_path):
             run(LabelJob(output=str(output), input=str(tmp_path / name), classes=classes))
         assert phrase in str(info.value) and name in str(info.value), str(info.value)
         assert not output.exists(), "nothing is written before the manifest is accepted"
+
+
+@pytest.mark.slow
+def test_user_errors_end_the_job_with_one_error_line_and_status_2(ray_cluster, tmp_path):
+    """What the user can fix is one line on stderr, `error: <message>`, exit status 2, no traceback."""
+    (tmp_path / "unknown.csv").write_bytes(b"image_id,image,tags\na,a.png,owl\n")
+    (tmp_path / "good.csv").write_bytes(b"image_id,image,tags\na,a.png,cat\n")
+    cases = {  # arguments: the message's key phrase
+        ("--input", str(tmp_path / "nowhere" / "manifest.parquet")): "manifest",
+        ("--input", str(tmp_path / "unknown.csv"), "--classes", "cat,dog"): "unknown tag(s) 'owl'",
+        ("--input", str(tmp_path / "good.csv"), "--classes", "cat,dog",
+         "--cam-checkpoint", str(tmp_path / "gone" / "model.pt")): "--cam-checkpoint",
+    }
+    for args, phrase in cases.items():
+        done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "label_dataset.py"), *args,
+                               "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                              env={**os.environ, "RAY_ADDRESS": ray_cluster}, timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and phrase in last, done.stderr[-3000:]
 
 
 @pytest.mark.slow

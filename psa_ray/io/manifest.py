@@ -32,9 +32,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from psa_ray.errors import UserError
 from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, filesystem, join, list_files, parent,
                                 read_bytes, redact, s3_bucket_and_key, with_retries, write_bytes)
 
@@ -54,7 +56,7 @@ ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("s
                           ("error", pa.string()), ("message", pa.string())])
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The corpus as a whole cannot be read (the message names the problem and the file)."""
 
     def __init__(self, message: str):
@@ -397,8 +399,6 @@ def plain_rows(table: pa.Table, class_names: list[str], base: str) -> np.ndarray
     '/', '\\' or '..', a relative image path that is already normal, and tags that are known class
     names, none repeated. Found with Arrow kernels (the common case, at a fraction of
     check_record's cost); every other row goes through check_record."""
-    import pyarrow.compute as pc
-
     ids, images, tags = (table.column(name) for name in ("image_id", "image", "tags"))
     if not (_resolve_image("x", base) == base.rstrip("/") + "/x"
             and pa.types.is_string(ids.type) and pa.types.is_string(images.type)

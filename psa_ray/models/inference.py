@@ -19,7 +19,7 @@ from torch import nn
 
 from psa_ray.io.storage import join, read_bytes
 from psa_ray.models.networks import build_model
-from psa_ray.models.weights import load_weights
+from psa_ray.models.weights import WeightsError, load_weights
 
 META_FILE = "meta.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,7 +38,11 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 def read_meta(weights_uri: str) -> dict[str, Any]:
     """The meta.json written beside exported weights (kind, backbone, class names, config)."""
     folder = weights_uri.rsplit("/", 1)[0]
-    return json.loads(read_bytes(join(folder, META_FILE)))
+    try:
+        return json.loads(read_bytes(join(folder, META_FILE)))
+    except FileNotFoundError:
+        raise WeightsError(f"{weights_uri}: no {META_FILE} beside it (psa_ray writes one with every "
+                           "trained network; pass the model.pt of a psa_ray training run)") from None
 
 
 def load_trained(weights_uri: str, device: torch.device | str = "cpu") -> nn.Module:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from psa_ray.errors import UserError
+
 KEY_MAPS = (None, "psa_resnet38", "torchvision_resnet50")
 
 _BACKBONE_PREFIX = "backbone."
@@ -35,7 +37,7 @@ _OPTIONAL_SUFFIX = "num_batches_tracked"
 _LISTED = 10
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A checkpoint that does not fit the model (or is not a weights-only checkpoint)."""
 
 

@@ -29,7 +29,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor, BlockMetadata
@@ -39,7 +38,7 @@ from psa_ray.io.manifest import (
     ERROR_SCHEMA, ROW_STRIDE, CorpusRow, ManifestError, ManifestPart, RowError, absolute_base,
     all_rejected_message, check_record, duplicate_error, id_key, manifest_base, manifest_parts,
     parquet_batches, parquet_records, part_records, plain_rows, read_corpus, resolve_classes, voc_root)
-from psa_ray.io.storage import exists, filesystem, join, list_files, read_bytes, remove_tree, write_bytes
+from psa_ray.io.storage import exists, join, list_files, read_bytes, remove_tree, write_bytes
 from psa_ray.pipeline.writers import error_table, read_table, table_rows, write_table
 
 ROWS_FOLDER, CORPUS_FILE = "rows", "_corpus.json"

@@ -30,6 +30,7 @@ from psa_ray.pipeline.readers import decoded_dataset, drop_failed
 from psa_ray.pipeline.writers import (
     EVAL_VARIANTS, IndexSink, LabelSink, read_table, table_rows, write_row_files)
 from psa_ray.models.inference import read_meta
+from psa_ray.models.weights import WeightsError
 from psa_ray.train.loop import fit
 
 # A commit (one Parquet file per shard_rows rows) is light; asking for other CPUs than the file
@@ -218,7 +219,7 @@ def check_classes(cam_weights: str, class_names: list[str]) -> None:
     """A CAM network must have been trained on the corpus's classes, in the same order."""
     trained = read_meta(cam_weights)["class_names"]
     if list(trained) != list(class_names):
-        raise ValueError(f"{redact(cam_weights)} was trained on classes {trained}, but the corpus has "
+        raise WeightsError(f"{redact(cam_weights)} was trained on classes {trained}, but the corpus has "
                          f"{list(class_names)}; pass the matching --classes or retrain")
 
 
@@ -280,6 +281,12 @@ def run(job: LabelJob) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:12]
     job = replace(job, **{k: absolute(getattr(job, k)) for k in (
         "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
+    for option, uri in (("--backbone-weights", job.backbone_weights), ("--cam-checkpoint", job.cam_checkpoint),
+                        ("--affinity-checkpoint", job.affinity_checkpoint)):
+        if uri and not exists(uri):
+            raise WeightsError(f"{option} {uri}: not found")
+    if job.affinity_checkpoint:
+        read_meta(job.affinity_checkpoint)  # a WeightsError now, not in a worker later
     has_gpu, small = cluster_shape(job.use_gpu)
     preset = resolve_preset(job, use_gpu=has_gpu)
     cpus_per_worker = 0.5 if small else 1.0

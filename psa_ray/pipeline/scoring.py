@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from psa_ray.errors import UserError
 from psa_ray.io.palette import IGNORE, decode_label_png
 from psa_ray.io.storage import list_files, read_bytes
 from psa_ray.ops.metrics import confusion_matrix, iou_per_class, mean_iou
@@ -20,7 +21,7 @@ CHUNK = 64            # images read at a time (bounds memory on large folders)
 READ_THREADS = 16
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError):
     """The folders cannot be scored (nothing to match, unreadable or mismatched files)."""
 
 
