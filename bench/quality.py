@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work", default=f"/tmp/psa_quality_{uuid.uuid4().hex[:8]}", help="scratch folder")
-    p.add_argument("--images", type=int, default=400, help="corpus size; 3/4 train (as many as the demo labels), 1/4 val")
+    p.add_argument("--images", type=int, default=400,
+                   help="corpus size; 3/4 train (as many as the demo labels), 1/4 val")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--epochs", type=int, help="override every network's epochs")
     p.add_argument("--quick", action="store_true", help="40 images, 1 epoch, two ablations")

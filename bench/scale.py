@@ -132,7 +132,8 @@ def startup(manifest: str, rows: int, weights: dict[str, str], work: Path, after
     probe = subprocess.run([sys.executable, "-c", FIRST_DECODE, manifest, str(probe_out)], env={
         **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=timeout)
     shutil.rmtree(probe_out, ignore_errors=True)
-    first_decoded = json.loads(probe.stdout.strip().splitlines()[-1])["first_decoded_s"] if probe.returncode == 0 else None
+    first_decoded = (json.loads(probe.stdout.strip().splitlines()[-1])["first_decoded_s"]
+                     if probe.returncode == 0 else None)
     return {"rows": rows, "first_label_s": first_label, "first_decoded_s": first_decoded,
             "driver_peak_rss_mib": round(peak, 1), "labels_when_stopped": labeled,
             "watched_s": round(time.perf_counter() - started, 1)}
@@ -166,7 +167,8 @@ def stream(images: int, source: list[tuple[str, list[str]]], folder: Path, weigh
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=list(DEFAULT_ROWS), help="manifest sizes for startup")
     p.add_argument("--stream-images", type=int, default=20_000, help="images of the stream run (0: skip)")
     p.add_argument("--after-first-label", type=float, default=30.0,
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| rows | first decoded image, s | first label, s | driver peak RSS, MiB |")
     print("| ---: | ---: | ---: | ---: |")
     for r in results["startup"]:
-        print(f"| {r['rows']:,} | {r['first_decoded_s'] or float('nan'):.1f} | {r['first_label_s'] or float('nan'):.1f} "
+        decoded, label = r["first_decoded_s"] or float("nan"), r["first_label_s"] or float("nan")
+        print(f"| {r['rows']:,} | {decoded:.1f} | {label:.1f} "
               f"| {r['driver_peak_rss_mib']:.0f} |")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -275,7 +275,8 @@ def test_network_policy_admits_only_ray_pods_the_operator_and_clients(raycluster
 
     assert all(_admitted(policies, target, port, ray_pod) for target in (head, worker)
                for port in (gcs, job_api, client, agent, 20000)), "Ray pods reach each other on every port"
-    assert [_admitted(policies, head, p, submitter) for p in (job_api, client, gcs, agent)] == [True, True, False, False]
+    assert [_admitted(policies, head, p, submitter)
+            for p in (job_api, client, gcs, agent)] == [True, True, False, False]
     assert not _admitted(policies, worker, agent, submitter)
     assert [_admitted(policies, head, p, operator) for p in (job_api, client, gcs)] == [True, False, False]
     for outsider in (stranger, elsewhere):

@@ -161,7 +161,8 @@ def random_walk_many(affinities: Sequence[Tensor], cams: Sequence[Tensor], beta:
 
     One block-diagonal transition matrix holds every image's T_i (images of one grid build theirs
     together), so the t products run once for all of them (on a GPU, one kernel per product
-    instead of one per image and product); the images never mix. Runs on the inputs' device, in cams' dtype (float32 or float64).
+    instead of one per image and product); the images never mix. Runs on the inputs' device, in
+    cams' dtype (float32 or float64).
     """
     if len(affinities) != len(cams) or not cams:
         raise ValueError(f"need one affinity map per CAM stack and at least one image, got "

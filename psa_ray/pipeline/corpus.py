@@ -102,7 +102,8 @@ def plain_table(part: ManifestPart, table: pa.Table, file_rows: np.ndarray, base
         "image": pa.compute.binary_join_element_wise(base.rstrip("/"), table.column("image"), "/"),
         "tag_names": pa.compute.binary_join(table.column("tags"), "|"),
         "row": pa.array(part.file_index * ROW_STRIDE + file_rows, pa.int64()),
-        "where": pa.compute.binary_join_element_wise(f"{part.label}row ", pa.array(file_rows + 1).cast(pa.string()), ""),
+        "where": pa.compute.binary_join_element_wise(f"{part.label}row ", pa.array(file_rows + 1).cast(pa.string()),
+                                                     ""),
         "key": pa.array([id_key(i) for i in ids.to_pylist()], pa.binary(16)),
         "stage": empty, "error": empty, "message": empty}, schema=CHECKED_SCHEMA)
 
@@ -263,7 +264,8 @@ def committed_keys(tables: str, errors: str | None = None) -> Any:
             continue
         if "stage" in columns:
             ds = ds.map_batches(_not_manifest, batch_format="pyarrow", num_cpus=READ_CPUS)
-        keys.append(collect_keys(ds.map_batches(_with_keys, batch_format="pyarrow", num_cpus=READ_CPUS), table_rows(prefix)))
+        ds = ds.map_batches(_with_keys, batch_format="pyarrow", num_cpus=READ_CPUS)
+        keys.append(collect_keys(ds, table_rows(prefix)))
     if not keys:
         return None
     merged = np.concatenate(keys)

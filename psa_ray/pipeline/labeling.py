@@ -320,7 +320,8 @@ def run(job: LabelJob) -> dict[str, Any]:
               job.output, has_gpu)
         rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
         affinity_w = timed("train_affinity", train_stage, "affinity",
-                           rows.map_batches(_with_mask_uri, num_cpus=READ_CPUS, fn_kwargs={"folder": join(job.output, "seeds")}),
+                           rows.map_batches(_with_mask_uri, num_cpus=READ_CPUS,
+                                            fn_kwargs={"folder": join(job.output, "seeds")}),
                            preset, names, job.output, {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
     done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
     skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
@@ -334,7 +335,8 @@ def run(job: LabelJob) -> dict[str, Any]:
     if job.train_segmentation:
         labeled = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, "shards")))
         deeplab_w = timed("train_deeplab", train_stage, "deeplab",
-                          labeled.map_batches(_with_mask_uri, num_cpus=READ_CPUS, fn_kwargs={"folder": join(job.output, "labels")}),
+                          labeled.map_batches(_with_mask_uri, num_cpus=READ_CPUS,
+                                              fn_kwargs={"folder": join(job.output, "labels")}),
                           preset, names, job.output, {"uri": cam_w, "backbone_only": True}, cpus_per_worker)[0]
 
     labeled_count = table_rows(join(job.output, "shards"))
