@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
 sys.path.insert(0, REPO)
 
-from bench.random_walk import dense_walk, walk_inputs  # noqa: E402  (bench/ is a folder of scripts)
+from bench.pipeline import contention_warnings  # noqa: E402  (bench/ is a folder of scripts)
+from bench.random_walk import dense_walk, walk_inputs  # noqa: E402
 
 
 def _run(script: str, *args: str) -> str:
@@ -35,6 +36,15 @@ def test_dense_baseline_is_the_same_walk(t: int) -> None:
                                rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="power of two"):
         dense_walk(affinities, cams, 8.0, 100)
+
+
+def test_pipeline_bench_warns_when_threads_fought_other_load() -> None:
+    """The sequential loop's two runs (torch's threads, then 1 thread): a warning only when the
+    default threads ran far slower than one."""
+    assert contention_warnings([{"images_per_s": 10.0}, {"images_per_s": 9.0}]) == []
+    assert contention_warnings([{"images_per_s": 10.0}]) == []
+    [warning] = contention_warnings([{"images_per_s": 5.0}, {"images_per_s": 10.0}])
+    assert "2.0x slower" in warning and "idle machine" in warning
 
 
 def test_random_walk_bench_quick(tmp_path) -> None:
@@ -61,7 +71,7 @@ def test_pipeline_bench_quick(tmp_path) -> None:
     output = tmp_path / "pipeline.json"
     stdout = _run("pipeline.py", "--images", "3", "--output", str(output))
     result = json.loads(output.read_text())
-    assert result["quick"] is True and result["setup"]["images"] == 3 and result["warnings"] == []
+    assert result["quick"] is True and result["setup"]["images"] == 3 and isinstance(result["warnings"], list)
     [sequential] = result["sequential"]
     assert sequential["labeled"] == 3, sequential.get("stderr_tail", sequential)
     assert sequential["torch_threads"] == torch.get_num_threads()

@@ -1,7 +1,6 @@
 """random_walk against a dense T = D^-1 W built with explicit loops, plus the walk's invariants."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -123,14 +122,13 @@ def test_chebyshev_truncation_is_within_tolerance() -> None:
     assert chebyshev_coefficients(3, 1e-7) is None  # short walks are exact powers
 
 
-def test_large_grid_stays_sparse_and_fast() -> None:
+def test_large_grid_stays_sparse() -> None:
+    """A 128 x 128 grid: T holds the pairs and the diagonal only (its time: bench/random_walk.py)."""
     affinities, cams = random_inputs(1, 5, 3, 128, 128, dtype=torch.float32, seed=5)
     transition = transition_matrix(affinities, 8.0, torch.float32)
     assert transition.layout == torch.sparse_csr
     assert transition.values().numel() <= (2 * 34 + 1) * 128 * 128  # no (hw) x (hw) storage
-    start = time.perf_counter()
     walked = random_walk(affinities, cams, 8.0, 256)
-    assert time.perf_counter() - start < 10.0  # a dense 16384^2 walk takes minutes here
     assert walked.shape == cams.shape and torch.isfinite(walked).all()
 
 
