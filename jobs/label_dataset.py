@@ -18,6 +18,7 @@ from psa_ray.config import PRESETS  # noqa: E402
 from psa_ray.errors import run_job  # noqa: E402
 from psa_ray.io.storage import redact  # noqa: E402
 from psa_ray.models.backbones import BACKBONES  # noqa: E402
+from psa_ray.pipeline.cluster import connect  # noqa: E402
 from psa_ray.pipeline.labeling import LabelJob, metrics_table, run  # noqa: E402
 
 
@@ -66,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    import ray
-
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
-    ray.init(runtime_env={"env_vars": env} if env else None)
+    connect()
     job = LabelJob(output=args.output, input=args.input, classes=args.classes, gt=args.gt,
                    preset=args.preset, backbone=args.backbone, backbone_weights=args.backbone_weights,
                    cam_checkpoint=args.cam_checkpoint, affinity_checkpoint=args.affinity_checkpoint,

@@ -49,14 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if exists(join(args.output, "run.json")):
         raise UserError(f"{args.output} holds a labeling run (run.json); its labels/ would mix with "
                         "the predictions: pass another --output")
-    import ray
-
+    from psa_ray.pipeline.cluster import connect
     from psa_ray.pipeline.labeling import cluster_shape
     from psa_ray.pipeline.predict import image_rows, predict
 
     rows, row_errors = image_rows(args.input)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
-    ray.init(runtime_env={"env_vars": env} if env else None)
+    connect()
     has_gpu, small = cluster_shape(args.use_gpu)
     preset = args.preset or ("demo" if small else "paper")
     started = time.perf_counter()

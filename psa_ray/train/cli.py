@@ -50,16 +50,14 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     args = parse_args(kind, argv)
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    import ray
-
     from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus
     from psa_ray.io.manifest import read_corpus
+    from psa_ray.pipeline.cluster import connect
     from psa_ray.pipeline.labeling import corpus_rows, train_stage, with_masks
     from psa_ray.pipeline.readers import rows_dataset
     from psa_ray.train.evaluate import classifier_map
 
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
-    ray.init(runtime_env={"env_vars": env} if env else None)
+    connect()
     input_uri = args.input
     if input_uri is None:
         input_uri = join(args.output, "corpus", "manifest.parquet")
