@@ -216,32 +216,28 @@ def _prefixes(batch: pa.Table) -> np.ndarray:
     return np.frombuffer(keys.tobytes(), ">u8")[::2].astype(np.uint64)
 
 
-def collect_prefixes(ds: ray.data.Dataset, count: int) -> np.ndarray:
-    """The 8-byte prefixes of all `key` values of a dataset of at most `count` rows, sorted, in
-    one uint64 array on the driver (8 bytes a row, filled in place: 80 MB at 10M rows)."""
-    prefixes = np.empty(count, np.uint64)
+def _collect(ds: ray.data.Dataset, count: int, dtype: Any, values: Any) -> np.ndarray:
+    """values(batch) of every batch of a dataset of at most `count` rows, sorted, in one array on
+    the driver (filled in place, no second copy)."""
+    out = np.empty(count, dtype)
     filled = 0
-    for batch in ds.iter_batches(batch_size=1 << 18, batch_format="pyarrow"):
-        part = _prefixes(batch)
-        prefixes[filled: filled + part.size] = part
+    for batch in ds.select_columns(["key"]).iter_batches(batch_size=1 << 18, batch_format="pyarrow"):
+        part = values(batch)
+        out[filled: filled + part.size] = part
         filled += part.size
-    prefixes = prefixes[:filled]
-    prefixes.sort()
-    return prefixes
+    out = out[:filled]
+    out.sort()
+    return out
+
+
+def collect_prefixes(ds: ray.data.Dataset, count: int) -> np.ndarray:
+    """The 8-byte prefixes of all `key` values, sorted, as uint64 (80 MB at 10M rows)."""
+    return _collect(ds, count, np.uint64, _prefixes)
 
 
 def collect_keys(ds: ray.data.Dataset, count: int) -> np.ndarray:
-    """All `key` values of a dataset of at most `count` rows, sorted, in one array on the driver
-    (filled in place: 16 bytes a row, no second copy)."""
-    keys = np.empty(count, KEY)
-    filled = 0
-    for batch in ds.select_columns(["key"]).iter_batches(batch_size=1 << 18, batch_format="pyarrow"):
-        part = _keys(batch)
-        keys[filled: filled + part.size] = part
-        filled += part.size
-    keys = keys[:filled]
-    keys.sort()
-    return keys
+    """All `key` values, sorted (16 bytes a row)."""
+    return _collect(ds, count, KEY, _keys)
 
 
 def _with_keys(batch: pa.Table) -> pa.Table:
