@@ -11,7 +11,7 @@ in a fresh subprocess:
   timed per stage; with torch's default threads (the baseline) and, for reference, 1 thread;
 - parallel loops (the bound): one such loop per core, 1 thread each, over its slice of the rows,
   side by side: what any pipeline could reach here without overheads;
-- ray: `psa_ray.pipeline.labeling.label_stage` after `ray.init(num_cpus=k)` in a process held
+- ray: `psa_ray.pipeline.stages.label_stage` after `ray.init(num_cpus=k)` in a process held
   to k cores (Ray's processes inherit its CPU affinity), in the layout this
   cluster gets (CPU-only: decode -> chained CAM + walk + CRF actors, one per core -> label
   sink, which also writes the parquet shards; with GPUs: network actor pool -> CRF actor pool)
@@ -50,15 +50,16 @@ from bench.machine import describe_machine  # noqa: E402
 from psa_ray.config import PRESETS, Preset, to_dict  # noqa: E402
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus  # noqa: E402
 from psa_ray.io.images import decode_image  # noqa: E402
-from psa_ray.io.manifest import read_corpus  # noqa: E402
+from psa_ray.io.inputs import read_corpus# noqa: E402
 from psa_ray.io.palette import encode_label_png  # noqa: E402
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
 from psa_ray.ops.pseudo_labels import (  # noqa: E402
     crf_scores, scores_to_labels, tagged_cams, upsample_scores, walk_scores)
-from psa_ray.pipeline.labeling import corpus_rows  # noqa: E402
+from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
 from psa_ray.pipeline.writers import read_tables  # noqa: E402
-from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor  # noqa: E402
-from psa_ray.train.tasks import get_task  # noqa: E402
+from psa_ray.models.inference import (  # noqa: E402
+    autocast_dtype, export_network, load_trained, network_meta, to_tensor)
+from psa_ray.models.networks import build_network  # noqa: E402
 
 DEFAULT_IMAGES, QUICK_IMAGES = 128, 4
 DEFAULT_CPUS, QUICK_CPUS = (1, 2), (2,)
@@ -75,16 +76,11 @@ def bench_preset(backbone: str) -> Preset:
 
 def export_untrained(kind: str, preset: Preset, class_names: list[str], folder: str) -> str:
     """An untrained network as `fit` exports one: `<folder>/checkpoints/<kind>/{model.pt,meta.json}`."""
-    config = preset.cam_train if kind == "cam" else preset.affinity_train
+    config = preset.train_config(kind)
     torch.manual_seed(0)
-    model = get_task(kind, preset.walk.radius).build(config.backbone, len(class_names))
-    weights = join(folder, "checkpoints", kind, "model.pt")
-    os.makedirs(os.path.dirname(weights), exist_ok=True)
-    torch.save(model.state_dict(), weights)
-    meta = {"kind": kind, "backbone": config.backbone, "num_classes": len(class_names),
-            "class_names": class_names, "radius": preset.walk.radius, "train": to_dict(config)}
-    write_bytes(join(folder, "checkpoints", kind, "meta.json"), json.dumps(meta).encode())
-    return weights
+    model = build_network(kind, config.backbone, len(class_names))
+    return export_network(model.state_dict(), network_meta(kind, config, class_names, preset.walk.radius),
+                          join(folder, "checkpoints", kind))
 
 
 def prepare(folder: str, images: int, backbone: str) -> dict[str, Any]:
@@ -142,13 +138,13 @@ def sequential_run(spec: dict[str, Any], output: str, part: int = 0, parts: int 
             rgb = decode_image(data)
         with clock("cam"):
             image = to_tensor(rgb).to(device)
-            [(keys, cams)] = tagged_cams(cam_net, [image], [row["tags"]], preset.cam, autocast)
+            [(class_ids, cams)] = tagged_cams(cam_net, [image], [row["tags"]], preset.cam, autocast)
         with clock("walk"):
             walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()
         with clock("upsample"):
             scores = upsample_scores(walked, *rgb.shape[:2], preset.walk)
         with clock("crf"):
-            label = scores_to_labels(crf_scores(rgb, scores, preset.walk.crf), keys)
+            label = scores_to_labels(crf_scores(rgb, scores, preset.walk.crf), class_ids)
         with clock("encode_png"):
             png = encode_label_png(label)
         with clock("write"):
@@ -189,7 +185,7 @@ def network_operator_seconds(stats: list[str]) -> float | None:
     from Ray Data's stats ("Operator 1 MapBatches(...StageChain): 19 tasks executed, 19 blocks
     produced in 13.07s"): the pipeline's rate once its actors have started."""
     for line in stats:
-        match = re.match(r"Operator \d+ .*(StageChain|CamActor).*produced in ([0-9.]+)s", line)
+        match = re.match(r"Operator \d+ .*(StageChain|NetworkActor|CamActor).*produced in ([0-9.]+)s", line)
         if match:
             return float(match.group(2))
     return None
@@ -202,7 +198,7 @@ def ray_run(spec: dict[str, Any], cpus: int, output: str, two_pools: bool = Fals
     import ray
     from ray.data import DataContext
 
-    from psa_ray.pipeline.labeling import label_stage
+    from psa_ray.pipeline.stages import label_stage
     from psa_ray.pipeline.readers import rows_dataset
 
     started = time.perf_counter()

@@ -31,13 +31,15 @@ import ray  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from psa_ray.config import to_dict  # noqa: E402
 from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus  # noqa: E402
-from psa_ray.io.manifest import CorpusRow, read_corpus, write_classes, write_manifest  # noqa: E402
+from psa_ray.io.manifest import CorpusRow, write_classes, write_manifest# noqa: E402
+from psa_ray.io.inputs import read_corpus# noqa: E402
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
-from psa_ray.pipeline.labeling import (  # noqa: E402
-    LabelJob, corpus_rows, evaluation, label_stage, resolve_preset, run, train_stage, with_masks)
-from psa_ray.pipeline.readers import rows_dataset  # noqa: E402
+from psa_ray.pipeline.labeling import LabelJob, resolve_preset, run  # noqa: E402
+from psa_ray.pipeline.readers import corpus_rows, rows_dataset, with_masks  # noqa: E402
 from psa_ray.pipeline.predict import predict  # noqa: E402
-from psa_ray.pipeline.scoring import score_folders  # noqa: E402
+from psa_ray.pipeline.scoring import evaluation, score_folders  # noqa: E402
+from psa_ray.pipeline.stages import label_stage, train_stage  # noqa: E402
+from psa_ray.train.tasks import Init  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json")
 REPORT_PICTURES = 2   # report pictures of the pseudo labels copied beside the results
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     full_output = join(args.work, "full")
     masks = with_masks(train_rows, split["gt"])
     full_w, _ = train_stage("deeplab", rows_dataset(masks), preset, names, full_output,
-                            {"uri": cam_w, "backbone_only": True}, cpus_per_worker=0.5)
+                            Init(cam_w), cpus_per_worker=0.5)
     deeplab = {"pseudo_labels": deeplab_on_val(summary["checkpoints"]["deeplab"], split,
                                                join(args.work, "val_pseudo"), preset.pipeline),
                "true_masks": deeplab_on_val(full_w, split, join(args.work, "val_full"), preset.pipeline)}

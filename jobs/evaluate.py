@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if ids:
             print(f"warning: {len(ids)} {what} (not scored): {_listed(ids)}", file=sys.stderr)
     print(f"IoU (%) of {result['images']} images:")
-    print(iou_table(class_names, result))
+    print(iou_table(class_names, {"IoU": result}))
     if args.json:
         write_bytes(args.json, json.dumps({"class_names": class_names, **result}, indent=2).encode())
     return 0

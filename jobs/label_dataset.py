@@ -16,10 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psa_ray.config import PRESETS  # noqa: E402
 from psa_ray.errors import run_job  # noqa: E402
-from psa_ray.io.storage import redact  # noqa: E402
+from psa_ray.io.redact import redact  # noqa: E402
 from psa_ray.models.backbones import BACKBONES  # noqa: E402
 from psa_ray.pipeline.cluster import connect  # noqa: E402
-from psa_ray.pipeline.labeling import LabelJob, metrics_table, run  # noqa: E402
+from psa_ray.pipeline.labeling import LabelJob, run  # noqa: E402
+from psa_ray.pipeline.scoring import metrics_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,32 +58,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "starts at 0)")
     p.add_argument("--endpoint-url", help="S3 endpoint override (e.g. MinIO); default: AWS_ENDPOINT_URL")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.preset is None:
-        args.preset = "demo" if args.input is None else "paper"
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    connect()
-    job = LabelJob(output=args.output, input=args.input, classes=args.classes, gt=args.gt,
-                   preset=args.preset, backbone=args.backbone, backbone_weights=args.backbone_weights,
-                   cam_checkpoint=args.cam_checkpoint, affinity_checkpoint=args.affinity_checkpoint,
-                   train_segmentation=args.train_segmentation, train_images=args.train_images,
-                   shard_rows=args.shard_rows, synthetic_images=args.synthetic_images,
-                   train_workers=args.train_workers, epochs=args.epochs, crop_size=args.crop_size,
-                   scales=tuple(args.scales) if args.scales else None, use_gpu=args.use_gpu,
-                   seed=args.seed)
-    summary = run(job)
+    """Parse, connect to Ray, run the job, print its summary and IoU table."""
+    args = vars(parse_args(argv))
+    connect(args.pop("endpoint_url"))
+    summary = run(LabelJob(**{**args, "scales": tuple(args["scales"]) if args["scales"] else None}))
     print("\n=== psa_ray run", summary["run_id"], "===")
     print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))
     if summary["metrics_full"]:
         print("\nIoU (%) against ground truth,", summary["metrics_full"]["images"], "images:")
         print(metrics_table(summary["metrics_full"]))
-    print(f"\noutputs: {args.output}/labels, shards, errors, run.json"
+    print(f"\noutputs: {summary['output']}/labels, shards, errors, run.json"
           + (", metrics.json" if summary["metrics_full"] else ""))
     print(f"pictures: {summary['report']}")
     return 0

@@ -12,13 +12,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psa_ray.config import PRESETS  # noqa: E402
-from psa_ray.errors import UserError, run_job  # noqa: E402
-from psa_ray.io.storage import exists, join, write_bytes  # noqa: E402
+from psa_ray.errors import run_job  # noqa: E402
+from psa_ray.pipeline.cluster import connect  # noqa: E402
+from psa_ray.pipeline.predict import PredictJob, run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,28 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
-    if exists(join(args.output, "run.json")):
-        raise UserError(f"{args.output} holds a labeling run (run.json); its labels/ would mix with "
-                        "the predictions: pass another --output")
-    from psa_ray.pipeline.cluster import connect
-    from psa_ray.pipeline.labeling import cluster_shape
-    from psa_ray.pipeline.predict import image_rows, predict
-
-    rows, row_errors = image_rows(args.input)
-    connect()
-    has_gpu, small = cluster_shape(args.use_gpu)
-    preset = args.preset or ("demo" if small else "paper")
-    started = time.perf_counter()
-    counts = predict(rows, args.checkpoint, args.output, PRESETS[preset].pipeline, has_gpu, row_errors)
-    summary = {"checkpoint": args.checkpoint, "input": args.input, "output": args.output,
-               "preset": preset, "has_gpu": has_gpu, "counts": counts,
-               "seconds": round(time.perf_counter() - started, 2)}
-    write_bytes(join(args.output, "predict.json"), json.dumps(summary, indent=2).encode())
+    """Parse, connect to Ray, predict, print the summary."""
+    args = vars(parse_args(argv))
+    connect(args.pop("endpoint_url"))
+    summary = run(PredictJob(**args))
     print(json.dumps(summary, indent=2))
-    print(f"\noutputs: {args.output}/labels, shards, errors, predict.json")
+    print(f"\noutputs: {summary['output']}/labels, shards, errors, predict.json")
     return 0
 
 

@@ -9,7 +9,6 @@ CPU in minutes; everything not named there keeps the paper preset's value.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,12 +135,16 @@ class Preset:
     walk: WalkConfig = field(default_factory=WalkConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
+    def train_config(self, kind: str) -> TrainConfig:
+        """The training config of a network kind (`models.networks.NETWORKS`)."""
+        return {"cam": self.cam_train, "affinity": self.affinity_train, "deeplab": self.deeplab_train}[kind]
+
 
 def _demo_train(**kw: Any) -> TrainConfig:
     # No hue jitter: the synthetic classes differ by head hue (60 degrees apart), which the
     # paper preset's hue jitter of 0.1 (36 degrees) would blur; photos' classes do not hang on hue.
     # From scratch (nothing frozen), ASPP head: the demo's behaviour before psa's recipe came in.
-    base = dict(backbone="tiny", crop_size=128, resize_long=(112, 176), batch_size=16,
+    base: dict[str, Any] = dict(backbone="tiny", crop_size=128, resize_long=(112, 176), batch_size=16,
                 color_jitter=(0.3, 0.3, 0.3, 0.0), num_workers=1, mixed_precision=False,
                 freeze_pretrained=False, segmentation_head="aspp")
     base.update(kw)
@@ -163,7 +166,7 @@ PRESETS: dict[str, Preset] = {
         # hard seed maps and bilinear scales: the demo's quality was measured with them
         cam=CamConfig(scales=(0.5, 1.0, 1.5), resample="bilinear", seed_scores=False),
         # the synthetic images are 96-160 px: walked at >= 320 px, the stride-8 grid has cells
-        # small enough to follow object edges (random walk mIoU 63 -> 80 on 60 training images)
+        # small enough to follow object edges (bench/README.md has the measurement)
         walk=WalkConfig(min_side=320),
         pipeline=PipelineConfig(batch_size=16, gpu_actor_cpus=0.5, crf_actor_cpus=0.5,
                                 decode_cpus=0.5, write_cpus=0.25, gpu_pool=(1, 2), crf_pool=(1, 2)),
@@ -182,5 +185,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def to_json(obj: Any) -> str:
-    return json.dumps(to_dict(obj), indent=2, sort_keys=True)
+def default_preset(preset: str | None, demo: bool) -> str:
+    """The preset a job runs: the one asked for, else "demo" where the run is a demo (the built-in
+    corpus, or prediction on a small CPU-only cluster) and "paper" otherwise."""
+    return preset or ("demo" if demo else "paper")

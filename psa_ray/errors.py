@@ -4,7 +4,7 @@
 parse (`io.manifest.ManifestError`), weights or checkpoints that cannot be read or do not fit
 (`models.weights.WeightsError`), label folders that cannot be scored (`pipeline.scoring.ScoringError`).
 `run_job` runs a job's main: a UserError ends as one line, `error: <message>`, and exit status 2;
-anything else keeps its traceback (status 1). Both are redacted (`io.storage.redact`).
+anything else keeps its traceback (status 1). Both are redacted (`io.redact.redact`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Callable
 
-from psa_ray.io.storage import redact
+from psa_ray.io.redact import redact
 
 
 class UserError(ValueError):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from psa_ray.ops.affinity import (AffinityLabels, affinity_labels, affinity_loss, feature_affinities,
-                                  pair_offsets, seed_labels)
+                                  pair_offsets, confident_seeds)
 
 
 def test_pair_offsets_by_hand() -> None:
@@ -57,7 +57,7 @@ def test_seed_labels_rule() -> None:
     label_high = np.array([[0, 0, 2], [4, 0, 3]], np.uint8)
     # fg of low kept unless high says bg; low bg -> 255 unless high says bg -> 0.
     expected = np.array([[0, 0, 2], [255, 0, 3]], np.uint8)
-    seeds = seed_labels(label_low, label_high)
+    seeds = confident_seeds(label_low, label_high)
     assert seeds.dtype == np.uint8
     np.testing.assert_array_equal(seeds, expected)
     np.testing.assert_array_equal(label_low, [[0, 1, 2], [0, 0, 3]])  # input untouched
@@ -167,7 +167,7 @@ def test_shape_errors() -> None:
     with pytest.raises(ValueError):
         affinity_labels(torch.zeros(4, 5, dtype=torch.int64), 2)
     with pytest.raises(ValueError):
-        seed_labels(np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.uint8))
+        confident_seeds(np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.uint8))
     labels = affinity_labels(torch.zeros(1, 3, 4, dtype=torch.int64), 2)
     with pytest.raises(ValueError):
         affinity_loss(torch.rand(1, 12, 3, 4), labels)

@@ -20,7 +20,8 @@ from PIL import Image
 from psa_ray.config import WalkConfig
 from psa_ray.data.synthetic import CLASS_NAMES, SyntheticConfig, make_sample, write_corpus
 from psa_ray.io.images import decode_image, decode_scaled, processing_size
-from psa_ray.io.manifest import MAX_ID_BYTES, CorpusRow, ManifestError, read_corpus, write_manifest
+from psa_ray.io.manifest import MAX_ID_BYTES, CorpusRow, ManifestError, write_manifest
+from psa_ray.io.inputs import read_corpus
 from psa_ray.io.palette import decode_label_png, encode_label_png
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
 from psa_ray.pipeline import readers
@@ -257,7 +258,7 @@ def test_refine_actor_restores_the_label_to_the_original_size(tmp_path):
     cams = np.zeros((1, height, width), np.float16)
     cams[0, :, : width // 2] = 1.0
     batch = {"image_id": _objects("wide"), "image": _objects("wide.png"), "tag_names": _objects(["c2"]),
-             "rgb": _objects(rgb), "keys": _objects(np.array([2])), "walked": _objects(walked),
+             "rgb": _objects(rgb), "class_ids": _objects(np.array([2])), "walked": _objects(walked),
              "cams": _objects(cams), "gt_uri": _objects(str(tmp_path / "gt.png")),
              "orig_height": np.array([80]), "orig_width": np.array([192]),
              "stage": _objects(""), "error": _objects(""), "message": _objects("")}
@@ -272,18 +273,18 @@ def test_refine_actor_restores_the_label_to_the_original_size(tmp_path):
 
 
 def test_a_row_that_breaks_a_batch_becomes_the_only_error_row(tmp_path, save_network):
-    """CamActor runs a batch's rows in one call; a row that makes it fail (tags of the wrong
+    """NetworkActor runs a batch's rows in one call; a row that makes it fail (tags of the wrong
     length) is redone alone and becomes the one error row, and the other rows get the walked
     scores they get on their own."""
     from psa_ray.config import CamConfig
-    from psa_ray.pipeline.actors import CamActor
-    from psa_ray.train.tasks import get_task
+    from psa_ray.pipeline.actors import NetworkActor
+    from psa_ray.models.networks import build_network
 
     torch.manual_seed(0)
     classes = len(CLASS_NAMES)
-    actor = CamActor(save_network(str(tmp_path), "cam", get_task("cam").build("tiny", classes)),
+    actor = NetworkActor(save_network(str(tmp_path), "cam", build_network("cam", "tiny", classes)),
                      CamConfig(scales=(0.5, 1.0)),
-                     save_network(str(tmp_path), "affinity", get_task("affinity").build("tiny", classes)),
+                     save_network(str(tmp_path), "affinity", build_network("affinity", "tiny", classes)),
                      WalkConfig(t=16), keep_cams=False, mixed_precision=False)
     rng = np.random.default_rng(0)
     rgbs = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(40, 56, 3), (48, 40, 3), (40, 56, 3)]]
@@ -300,7 +301,7 @@ def test_a_row_that_breaks_a_batch_becomes_the_only_error_row(tmp_path, save_net
     assert "tags" in out["message"][1]
     for i in (0, 2):
         np.testing.assert_allclose(out["walked"][i], actor(batch([i]))["walked"][0], rtol=1e-4, atol=1e-5)
-        assert out["keys"][i].tolist() == [1 + tags[i].argmax()]
+        assert out["class_ids"][i].tolist() == [1 + tags[i].argmax()]
 
 
 # --------------------------------------------------------------------------- manifest rows

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psa_ray.ops.cam import cams_to_labels, class_activation_maps, normalize_cams, with_background
+from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
 
 
 class FakeCamNet(nn.Module):
@@ -92,13 +92,6 @@ def test_with_background_formula() -> None:
     torch.testing.assert_close(scores[:, 1:], cams)
     empty = with_background(torch.zeros(1, 0, 2, 2), alpha=16.0)
     torch.testing.assert_close(empty, torch.ones(1, 1, 2, 2))
-
-
-def test_cams_to_labels() -> None:
-    scores = torch.tensor([[[[0.9, 0.1, 0.2]], [[0.05, 0.8, 0.3]], [[0.05, 0.1, 0.5]]]])
-    labels = cams_to_labels(scores)
-    assert labels.dtype == torch.int64
-    assert labels.tolist() == [[[0, 1, 2]]]
 
 
 def test_shape_errors() -> None:

@@ -15,11 +15,11 @@ from PIL import Image
 
 from psa_ray.io import storage
 from psa_ray.io.images import ImageDecodeError, decode_image, encode_png
-from psa_ray.io.manifest import (ERROR_SCHEMA, CorpusRow, ManifestError, RowError, read_corpus,
-                                 voc_ground_truth_uri, write_classes, write_manifest)
+from psa_ray.io.manifest import ERROR_SCHEMA, CorpusRow, ManifestError, RowError, write_classes, write_manifest
+from psa_ray.io.inputs import read_corpus
 from psa_ray.io.palette import VOC_PALETTE, colorize, decode_label_png, encode_label_png
-from psa_ray.io.storage import (RetryPolicy, delete, exists, join, list_files, read_bytes, redact,
-                                write_bytes)
+from psa_ray.io.storage import RetryPolicy, exists, join, list_files, read_bytes, remove_tree, write_bytes
+from psa_ray.io.redact import redact
 
 # --------------------------------------------------------------------------- storage
 
@@ -45,7 +45,7 @@ def _check_round_trip(base: str) -> None:
     assert list_files(join(base, "d")) == sorted([join(base, "d", "b.png"), join(base, "d", "c.txt"),
                                                   join(base, "d", "sub", "a.png")])
     assert list_files(join(base, "missing")) == []
-    delete(join(base, "d", "c.txt"))
+    remove_tree(join(base, "d", "c.txt"))
     assert not exists(join(base, "d", "c.txt"))
     with pytest.raises(FileNotFoundError):
         read_bytes(join(base, "d", "c.txt"))
@@ -359,16 +359,6 @@ def test_relative_manifest_path_resolves_images_to_absolute(tmp_path, monkeypatc
     assert corpus.class_names == ["cat", "dog"]
 
 
-def test_corpus_to_arrow(tmp_path):
-    _write_by_hand(tmp_path / "m.jsonl", "jsonl", CASES[:3])
-    corpus, errors = read_corpus(str(tmp_path / "m.jsonl"), classes=CLASSES)
-    table = corpus.to_arrow()
-    assert errors == []
-    assert table.column("image_id").to_pylist() == ["a", "b", "c"]
-    assert table.schema.field("tags").type == pa.list_(pa.string())
-    assert table.column("tag_vector").to_pylist()[1] == [0.0, 1.0, 1.0]
-
-
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
 def test_write_manifest_round_trip_on_s3(s3_bucket, fmt):
     rows = [CorpusRow("img1", "images/img1.png", ["cat", "dog"]), CorpusRow("img2", "../other/2.jpg", ["bird"])]
@@ -468,8 +458,6 @@ def test_voc_folder(voc):
             ("2007_000039", str(voc / "JPEGImages" / "2007_000039.jpg"), ["tvmonitor"]),
         ]
         assert np.flatnonzero(corpus.tag_vector(corpus.rows[0])).tolist() == [0, 14]
-    assert voc_ground_truth_uri(str(voc), "2007_000032") == str(voc / "SegmentationClass" / "2007_000032.png")
-    assert voc_ground_truth_uri(str(voc), "2007_000039") is None
 
 
 def test_voc_val_split_reports_missing_annotation(voc):

@@ -67,7 +67,8 @@ def test_label_job_end_to_end_on_s3(ray_cluster, s3_bucket):
 
 def _small_corpus(root, num_rows: int) -> str:
     """A manifest of num_rows distinct ids over 12 small (40 px) synthetic images: cheap to label."""
-    from psa_ray.io.manifest import CorpusRow, read_corpus, write_manifest
+    from psa_ray.io.manifest import CorpusRow, write_manifest
+    from psa_ray.io.inputs import read_corpus
 
     samples = read_corpus(write_corpus(str(root), SyntheticConfig(num_images=12, seed=9)))[0].rows
     for sample in samples:
@@ -138,8 +139,9 @@ def test_gpu_and_cpu_layouts_of_stage_d_give_the_same_labels(ray_cluster, traine
     from dataclasses import replace
 
     from psa_ray.config import PRESETS
-    from psa_ray.io.manifest import read_corpus
-    from psa_ray.pipeline.labeling import corpus_rows, label_stage
+    from psa_ray.io.inputs import read_corpus
+    from psa_ray.pipeline.readers import corpus_rows
+    from psa_ray.pipeline.stages import label_stage
     from psa_ray.pipeline.readers import rows_dataset
     from psa_ray.pipeline.writers import table_rows
 

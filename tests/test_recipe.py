@@ -16,7 +16,7 @@ from psa_ray.config import PRESETS, CamConfig, TrainConfig
 from psa_ray.io.palette import decode_label_png, encode_label_png
 from psa_ray.io.seeds import decode_seed, encode_seed_scores, quantize_scores, seed_score_classes
 from psa_ray.models.inference import load_trained, to_tensor
-from psa_ray.models.networks import DeepLab, DeepLabLargeFOV, build_model
+from psa_ray.models.networks import DeepLab, DeepLabLargeFOV, build_model, build_network
 from psa_ray.ops.affinity import cell_seed_labels
 from psa_ray.ops.cam import resize_images, with_constant_background
 from psa_ray.ops.pseudo_labels import seed_crf_scores, tagged_cams
@@ -25,7 +25,7 @@ from psa_ray.pipeline.readers import decode_rows
 from psa_ray.pipeline.writers import EVAL_VARIANTS
 from psa_ray.train.augment import TrainAugment
 from psa_ray.train.loop import make_optimizer
-from psa_ray.train.tasks import freezes_pretrained, get_task
+from psa_ray.train.tasks import Init, freezes_pretrained
 
 PAPER, DEMO = PRESETS["paper"], PRESETS["demo"]
 
@@ -110,9 +110,9 @@ def test_frozen_layers_are_psas_on_resnet38d_and_apply_only_to_pretrained_starts
     assert all(p.requires_grad for p in backbone + new) and len(new) == 4
     # the paper preset freezes when weights are given or another network's backbone is the start
     assert freezes_pretrained(replace(PAPER.cam_train, backbone_weights="w.pth"), None)
-    assert freezes_pretrained(PAPER.affinity_train, {"uri": "cam/model.pt", "backbone_only": True})
+    assert freezes_pretrained(PAPER.affinity_train, Init("cam/model.pt"))
     assert not freezes_pretrained(PAPER.cam_train, None)
-    assert not freezes_pretrained(DEMO.affinity_train, {"uri": "cam/model.pt", "backbone_only": True})
+    assert not freezes_pretrained(DEMO.affinity_train, Init("cam/model.pt"))
 
 
 # ---- row 2: AffinityNet labels from cell-averaged CRF scores --------------------------------------
@@ -307,7 +307,7 @@ def test_seed_scores_round_trip_and_labels_pass_through():
 
 def _stage_b_batch(rgb: np.ndarray, cams: np.ndarray) -> dict:
     return {"image_id": np.array(["a"], object), "rgb": _objects([rgb]), "cams": _objects([cams]),
-            "keys": _objects([np.array([2])]), "stage": np.array([""], object),
+            "class_ids": _objects([np.array([2])]), "stage": np.array([""], object),
             "error": np.array([""], object), "message": np.array([""], object)}
 
 
@@ -354,7 +354,7 @@ def test_psa_variant_scores_cams_with_a_constant_background(tmp_path):
     gt[:, 4:] = 1
     (tmp_path / "gt.png").write_bytes(encode_label_png(gt))
     batch = {"image_id": _objects(["a"]), "image": _objects(["a.png"]), "tag_names": _objects(["c"]),
-             "rgb": _objects([rgb]), "keys": _objects([np.array([1])]), "cams": _objects([cam]),
+             "rgb": _objects([rgb]), "class_ids": _objects([np.array([1])]), "cams": _objects([cam]),
              "walked": _objects([np.stack([np.full((1, 1), 0.1), np.full((1, 1), 0.9)]).astype(np.float32)]),
              "orig_height": np.array([8]), "orig_width": np.array([8]),
              "gt_uri": _objects([str(tmp_path / "gt.png")]), "stage": _objects([""]),
@@ -370,8 +370,8 @@ def test_psa_variant_scores_cams_with_a_constant_background(tmp_path):
 def test_paper_deeplab_is_largefov_and_round_trips(tmp_path):
     assert PAPER.deeplab_train.segmentation_head == "largefov"
     assert DEMO.deeplab_train.segmentation_head == "aspp"
-    net = get_task("deeplab").build("tiny", 3, PAPER.deeplab_train.segmentation_head)
-    assert isinstance(net, DeepLabLargeFOV) and isinstance(get_task("deeplab").build("tiny", 3), DeepLab)
+    net = build_network("deeplab", "tiny", 3, PAPER.deeplab_train.segmentation_head)
+    assert isinstance(net, DeepLabLargeFOV) and isinstance(build_network("deeplab", "tiny", 3), DeepLab)
     assert (net.fc6.kernel_size, net.fc6.dilation, net.fc6.out_channels) == ((3, 3), (12, 12), 1024)
     assert (net.fc7.kernel_size, net.fc8.out_channels) == ((1, 1), 4)
     x = torch.randn(1, 3, 40, 56)
@@ -390,7 +390,7 @@ def test_metrics_of_a_run_resumed_over_older_eval_files_leave_out_the_psa_varian
     """eval/ files written before the `psa` variant existed: a resumed run still scores the others."""
     import pyarrow as pa
 
-    from psa_ray.pipeline.labeling import evaluation, metrics_table
+    from psa_ray.pipeline.scoring import evaluation, metrics_table
     from psa_ray.pipeline.writers import write_table
 
     cm = [3, 1, 0, 4]                              # 2 classes: gt rows, predictions columns

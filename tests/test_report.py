@@ -16,16 +16,16 @@ from PIL import Image
 from psa_ray.config import PRESETS, CamConfig, WalkConfig
 from psa_ray.data.synthetic import CLASS_NAMES, SyntheticConfig, write_corpus
 from psa_ray.io.images import encode_png
-from psa_ray.io.manifest import read_corpus
+from psa_ray.io.inputs import read_corpus
 from psa_ray.io.palette import colorize, decode_label_png, encode_label_png
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
 from psa_ray.ops.visualize import PAD, legend_entries, overlay, panel_grid
-from psa_ray.pipeline.labeling import corpus_rows
+from psa_ray.pipeline.readers import corpus_rows
 from psa_ray.ops.forward import segment_probabilities
-from psa_ray.pipeline.predict import image_rows
+from psa_ray.io.inputs import read_images
 from psa_ray.pipeline.report import DISPLAY_SIDE, write_report
 from psa_ray.pipeline.scoring import ScoringError, score_folders
-from psa_ray.train.tasks import get_task
+from psa_ray.models.networks import build_network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = len(CLASS_NAMES)
@@ -90,8 +90,8 @@ def test_write_report_draws_labeled_samples_and_an_index(tmp_path, save_network)
     corpus, _ = read_corpus(write_corpus(corpus_root, SyntheticConfig(num_images=4, seed=2)))
     rows = corpus_rows(corpus, join(corpus_root, "gt"))
     torch.manual_seed(0)
-    cam_w = save_network(output, "cam", get_task("cam").build("tiny", C))
-    affinity_w = save_network(output, "affinity", get_task("affinity").build("tiny", C))
+    cam_w = save_network(output, "cam", build_network("cam", "tiny", C))
+    affinity_w = save_network(output, "affinity", build_network("affinity", "tiny", C))
     # rows[0]: label = gt; rows[1]: no label (an error row); rows[2]: a label but an unreadable
     # image; rows[3]: a hand-made label. Three samples asked: rows 0, 2 and 3.
     labels = {}
@@ -201,12 +201,12 @@ def test_evaluate_cli_prints_table_writes_json_and_reports_unmatched(tmp_path):
 
 # --------------------------------------------------------------------------- predict
 
-def test_image_rows_from_a_manifest_without_tags(tmp_path):
+def test_read_images_from_a_manifest_without_tags(tmp_path):
     manifest = tmp_path / "new.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in [
         {"image_id": "a", "image": "images/a.png"}, {"image_id": "a", "image": "images/b.png"},
         {"image_id": "x/y", "image": "images/c.png"}, {"image_id": "d", "image": "s3://bucket/d.jpg"}]))
-    rows, errors = image_rows(str(manifest))
+    rows, errors = read_images(str(manifest))
     assert rows == [{"image_id": "a", "image": str(tmp_path / "images" / "a.png")},
                     {"image_id": "d", "image": "s3://bucket/d.jpg"}]
     assert [e.error for e in errors] == ["duplicate_id", "bad_id"]
@@ -216,7 +216,7 @@ def test_image_rows_from_a_manifest_without_tags(tmp_path):
 def test_segment_probabilities_of_a_batch_match_each_image_alone():
     """Images of one size share a DeepLab forward pass; each still gets its own probabilities."""
     torch.manual_seed(0)
-    net = get_task("deeplab").build("tiny", C).eval()
+    net = build_network("deeplab", "tiny", C).eval()
     images = [torch.randn(3, 40, 56), torch.randn(3, 48, 40), torch.randn(3, 40, 56)]
     for image, probs in zip(images, segment_probabilities(net, images)):
         assert probs.shape == (C + 1, *image.shape[1:])
@@ -232,7 +232,7 @@ def test_predict_job_labels_a_folder_and_records_bad_images(ray_cluster, tmp_pat
     write_bytes(join(folder, "broken.png"), b"not an image")
     write_bytes(join(folder, "notes.txt"), b"not listed")
     # A DeepLab whose logits are 5 for class 2 and 0 elsewhere at every pixel.
-    net = get_task("deeplab").build("tiny", C)
+    net = build_network("deeplab", "tiny", C)
     with torch.no_grad():
         for conv in net.aspp:
             conv.weight.zero_()

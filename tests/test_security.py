@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from psa_ray.io import storage
-from psa_ray.io.manifest import ManifestError, read_corpus
-from psa_ray.io.storage import join, redact
+from psa_ray.io.manifest import ManifestError
+from psa_ray.io.inputs import read_corpus
+from psa_ray.io.storage import join
+from psa_ray.io.redact import redact
 from psa_ray.models.networks import CamNet
 from psa_ray.models.weights import WeightsError, load_weights
 from psa_ray.pipeline.readers import decode_rows

@@ -16,10 +16,11 @@ import torch
 
 from psa_ray.config import PRESETS, TrainConfig
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus
-from psa_ray.io.manifest import read_corpus
+from psa_ray.io.inputs import read_corpus
 from psa_ray.io.storage import join, list_files
 from psa_ray.train.augment import TrainAugment
 from psa_ray.models.inference import load_trained
+from psa_ray.models.networks import build_network
 from psa_ray.models.weights import load_weights
 from psa_ray.train.loop import poly_lr
 from psa_ray.train.tasks import get_task
@@ -59,7 +60,7 @@ def s3_corpus(ray_cluster, s3_bucket_module):
 
 
 def _rows(root, corpus, with_masks: bool):
-    from psa_ray.pipeline.labeling import corpus_rows
+    from psa_ray.pipeline.readers import corpus_rows
     rows = corpus_rows(corpus, None)
     if with_masks:
         rows = [{**r, "mask_uri": join(root, "gt", f"{r['image_id']}.png")} for r in rows]
@@ -91,7 +92,7 @@ def _corpus_loss(task, model, root, corpus, size: int = 96) -> float:
 # the image-level loss and the mask loss, on two workers.
 @pytest.mark.parametrize("kind", ["cam", "deeplab"])
 def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_module):
-    from psa_ray.pipeline.labeling import train_stage
+    from psa_ray.pipeline.stages import train_stage
     from psa_ray.pipeline.readers import rows_dataset
 
     root, corpus = s3_corpus
@@ -110,7 +111,7 @@ def test_train_two_gloo_workers_checkpoint_to_s3(kind, s3_corpus, s3_bucket_modu
     # seeded initialisation): its loss on every image, without augmentation, is lower.
     task = get_task(kind)
     torch.manual_seed(config.seed)
-    initial = task.build(config.backbone, len(corpus.class_names)).eval()
+    initial = build_network(kind, config.backbone, len(corpus.class_names)).eval()
     exported = load_trained(weights)
     assert _corpus_loss(task, exported, root, corpus) < _corpus_loss(task, initial, root, corpus)
     # The exported weights and Ray Train's own last checkpoint, both in the bucket, load into

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from psa_ray.data.synthetic import (
-    CLASS_NAMES, Sample, SyntheticConfig, make_corpus, make_sample, split_ids, write_corpus)
+    CLASS_NAMES, Sample, SyntheticConfig, make_sample, split_ids, write_corpus)
 
-__all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_corpus", "make_sample", "split_ids",
+__all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_sample", "split_ids",
            "write_corpus"]

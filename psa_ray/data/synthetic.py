@@ -292,11 +292,6 @@ def make_sample(index: int, config: SyntheticConfig) -> Sample:
                   mask=mask, tags=tags)
 
 
-def make_corpus(config: SyntheticConfig) -> list[Sample]:
-    """All config.num_images samples, in index order."""
-    return [make_sample(i, config) for i in range(config.num_images)]
-
-
 def write_corpus(root_uri: str, config: SyntheticConfig, endpoint_url: str | None = None) -> str:
     """Write images/<id>.png, gt/<id>.png (palette), manifest.parquet and classes.txt under root_uri.
 

@@ -1,4 +1,5 @@
-"""The input corpus (stable interface): a manifest file or a PASCAL VOC 2012 folder, local or s3://.
+"""Manifests (stable interface): the file formats and the checks every input row goes through
+(`io.inputs` reads manifests and PASCAL VOC folders with them; `io.voc` the VOC part).
 
 Manifest: `.parquet`, `.jsonl` or `.csv` with columns `image_id` (unique string, used in output
 file names), `image` (s3:// URI, absolute path, or path relative to the manifest's folder) and
@@ -12,7 +13,7 @@ names), `duplicate_id` (the first row with an id keeps it; ids are compared afte
 spaces), `missing_image`, `bad_image` (not a string, an unsupported URI scheme, or an s3:// URI
 without a valid bucket and key, e.g. with credentials in it), `bad_tags` (not a list of strings),
 `no_tags`, `unknown_tag`, and for VOC `missing_annotation` / `bad_annotation`. Problems with the
-manifest as a whole raise ManifestError. Messages and error rows are redacted (`storage.redact`).
+manifest as a whole raise ManifestError. Messages and error rows are redacted (`io.redact`).
 """
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ import json
 import os
 import posixpath
 import re
-import xml.etree.ElementTree as ET
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -37,16 +36,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from psa_ray.errors import UserError
-from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, filesystem, join, list_files, parent,
-                                read_bytes, redact, s3_bucket_and_key, with_retries, write_bytes)
+from psa_ray.io.redact import redact
+from psa_ray.io.storage import (FILE_SCHEME, S3_SCHEME, exists, filesystem, join, list_files, parent, read_bytes,
+                                s3_bucket_and_key, with_retries, write_bytes)
 
 MANIFEST_FORMATS = ("parquet", "jsonl", "csv")
 CSV_TAG_SEPARATOR = "|"
 MAX_CLASSES = 254  # labels are uint8: 0 background, 1..C classes, 255 ignore
-VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor"]
-VOC_SPLITS = ("train", "val", "trainval")
 # Output names are `<image_id>.png`, written through a `.<name>.<32 hex>.tmp` file: 200 bytes keep
 # both under the usual 255-byte file name limit.
 MAX_ID_BYTES = 200
@@ -104,18 +100,8 @@ class Corpus:
         vector[[self.class_names.index(t) for t in row.tags]] = 1.0
         return vector
 
-    def to_arrow(self) -> pa.Table:
-        """Columns image_id, image, tags (list<string>), tag_vector (list<float32>)."""
-        return pa.table({
-            "image_id": pa.array([r.image_id for r in self.rows], pa.string()),
-            "image": pa.array([r.image for r in self.rows], pa.string()),
-            "tags": pa.array([r.tags for r in self.rows], pa.list_(pa.string())),
-            "tag_vector": pa.array([self.tag_vector(r).tolist() for r in self.rows],
-                                   pa.list_(pa.float32())),
-        })
 
-
-class _RowProblem(Exception):
+class RowProblem(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
@@ -123,7 +109,7 @@ class _RowProblem(Exception):
 
 # --------------------------------------------------------------------------- class names
 
-def _read_text(uri: str, what: str, endpoint_url: str | None) -> str:
+def read_text(uri: str, what: str, endpoint_url: str | None) -> str:
     try:
         return read_bytes(uri, endpoint_url).decode("utf-8-sig")
     except FileNotFoundError:
@@ -148,10 +134,10 @@ def resolve_classes(classes: list[str] | str | None, manifest_uri: str,
         if not exists(source, endpoint_url):
             raise ManifestError(f"no class names for {manifest_uri}: put a classes.txt beside it "
                                 "(one name per line) or pass classes")
-        names = _read_text(source, f"classes file for {manifest_uri}", endpoint_url).splitlines()
+        names = read_text(source, f"classes file for {manifest_uri}", endpoint_url).splitlines()
     elif isinstance(classes, str) and _is_file_reference(classes):
         source = classes
-        names = _read_text(source, f"classes file for {manifest_uri}", endpoint_url).splitlines()
+        names = read_text(source, f"classes file for {manifest_uri}", endpoint_url).splitlines()
     else:
         source = "the classes option"
         names = classes.split(",") if isinstance(classes, str) else list(classes)
@@ -197,19 +183,24 @@ class ManifestPart:
     group_start: int = 0          # this row of the file
     num_rows: int | None = None   # None: to the end of the file / row group
     label: str = ""
+    tagged: bool = True           # whether rows carry tags (False: images to predict)
 
 
 # Parquet row groups larger than this are read as several parts (pyarrow writes 1Mi-row groups).
 PART_ROWS = 1 << 18
 
 
-def _format_of(uri: str) -> str | None:
+def format_of(uri: str) -> str | None:
     suffix = posixpath.splitext(uri.rstrip("/"))[1].lower().lstrip(".")
     return suffix if suffix in MANIFEST_FORMATS else None
 
 
-def _require_columns(present: Sequence[str], uri: str) -> None:
-    missing = [c for c in ("image_id", "image", "tags") if c not in present]
+def _columns(tagged: bool) -> list[str]:
+    return ["image_id", "image", "tags"] if tagged else ["image_id", "image"]
+
+
+def _require_columns(present: Sequence[str], uri: str, tagged: bool) -> None:
+    missing = [c for c in _columns(tagged) if c not in present]
     if missing:
         raise ManifestError(f"manifest {uri} lacks required column(s) {', '.join(missing)} "
                             f"(has: {', '.join(map(str, present)) or 'none'})")
@@ -234,12 +225,14 @@ def _parquet_file(uri: str, endpoint_url: str | None) -> pq.ParquetFile:
         raise ManifestError(f"manifest {uri} is not a readable Parquet file: {e}") from None
 
 
-def _check_parquet_schema(schema: pa.Schema, uri: str) -> None:
-    _require_columns(schema.names, uri)
+def _check_parquet_schema(schema: pa.Schema, uri: str, tagged: bool) -> None:
+    _require_columns(schema.names, uri, tagged)
     for name in ("image_id", "image"):
         if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
             raise ManifestError(f"manifest {uri}: column {name} must be string, "
                                 f"got {schema.field(name).type}")
+    if not tagged:
+        return
     tags = schema.field("tags").type
     if not ((pa.types.is_list(tags) or pa.types.is_large_list(tags))
             and (pa.types.is_string(tags.value_type) or pa.types.is_large_string(tags.value_type))):
@@ -266,11 +259,11 @@ def _text_lines(uri: str, endpoint_url: str | None) -> Iterator[str]:
                 return
 
 
-def _check_text_header(uri: str, fmt: str, endpoint_url: str | None) -> None:
+def _check_text_header(uri: str, fmt: str, endpoint_url: str | None, tagged: bool) -> None:
     """The required columns, from the CSV header or the first JSONL record that is an object."""
     lines = _text_lines(uri, endpoint_url)
     if fmt == "csv":
-        _require_columns(next(csv.reader(lines), []), uri)
+        _require_columns(next(csv.reader(lines), []), uri, tagged)
         return
     for line in lines:
         try:
@@ -278,14 +271,15 @@ def _check_text_header(uri: str, fmt: str, endpoint_url: str | None) -> None:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
-            _require_columns(sorted(record), uri)
+            _require_columns(sorted(record), uri, tagged)
             return
 
 
-def manifest_parts(uri: str, endpoint_url: str | None = None) -> list[ManifestPart]:
+def manifest_parts(uri: str, endpoint_url: str | None = None, tagged: bool = True) -> list[ManifestPart]:
     """The parts of a manifest file, or of a sharded manifest (a folder/prefix of files of one
-    format, read in name order). Checks each file's columns; raises ManifestError."""
-    fmt = _format_of(uri)
+    format, read in name order). Checks each file's columns (`tags` only where `tagged`); raises
+    ManifestError."""
+    fmt = format_of(uri)
     files = [uri]
     if fmt is None:
         fs, path = filesystem(uri, endpoint_url)
@@ -293,8 +287,8 @@ def manifest_parts(uri: str, endpoint_url: str | None = None) -> list[ManifestPa
             raise ManifestError(f"{uri} is neither a manifest ({', '.join('.' + f for f in MANIFEST_FORMATS)}), "
                                 "a folder of manifest files, nor a PASCAL VOC 2012 folder "
                                 "(no ImageSets/Segmentation)")
-        listed = [f for f in list_files(uri, endpoint_url=endpoint_url) if _format_of(f)]
-        formats = sorted({_format_of(f) for f in listed})
+        listed = [f for f in list_files(uri, endpoint_url=endpoint_url) if format_of(f)]
+        formats = sorted({f for f in map(format_of, listed) if f})
         if len(formats) != 1:
             raise ManifestError(f"{uri} is neither a manifest ({', '.join('.' + f for f in MANIFEST_FORMATS)}) "
                                 "nor a folder of manifest files of one format"
@@ -305,16 +299,16 @@ def manifest_parts(uri: str, endpoint_url: str | None = None) -> list[ManifestPa
         label = "" if len(files) == 1 else f"{posixpath.basename(file_uri)} "
         if fmt == "parquet":
             meta = _parquet_file(file_uri, endpoint_url)
-            _check_parquet_schema(meta.schema_arrow, file_uri)
+            _check_parquet_schema(meta.schema_arrow, file_uri, tagged)
             start = 0
             for group in range(meta.metadata.num_row_groups):
                 size = meta.metadata.row_group(group).num_rows
                 parts += [ManifestPart(file_uri, fmt, index, first, group, start, min(PART_ROWS, start + size - first),
-                                       label) for first in range(start, start + size, PART_ROWS)]
+                                       label, tagged) for first in range(start, start + size, PART_ROWS)]
                 start += size
         else:
-            _check_text_header(file_uri, fmt, endpoint_url)
-            parts.append(ManifestPart(file_uri, fmt, index, 0, None, label))
+            _check_text_header(file_uri, fmt, endpoint_url, tagged)
+            parts.append(ManifestPart(file_uri, fmt, index, 0, None, label=label, tagged=tagged))
     return parts
 
 
@@ -370,7 +364,7 @@ def parquet_batches(part: ManifestPart, batch_rows: int = 4096,
                     endpoint_url: str | None = None) -> Iterator[tuple[int, pa.Table]]:
     """A Parquet part's (image_id, image, tags) columns, batch_rows rows at a time, each with the
     file's row number (0-based) of its first row."""
-    group = _parquet_file(part.uri, endpoint_url).read_row_group(part.row_group, ["image_id", "image", "tags"])
+    group = _parquet_file(part.uri, endpoint_url).read_row_group(part.row_group, _columns(part.tagged))
     first = part.first_row
     for batch in group.slice(part.first_row - part.group_start, part.num_rows).to_batches(max_chunksize=batch_rows):
         yield first, pa.Table.from_batches([batch])
@@ -379,7 +373,7 @@ def parquet_batches(part: ManifestPart, batch_rows: int = 4096,
 
 def parquet_records(part: ManifestPart, table: pa.Table, file_rows: np.ndarray) -> list[dict[str, Any]]:
     """Records (as part_records gives them) of a Parquet part's rows at file_rows (0-based)."""
-    records = table.to_pylist()
+    records: list[dict[str, Any]] = table.to_pylist()
     base_row = part.file_index * ROW_STRIDE
     for record, row in zip(records, file_rows.tolist()):
         record.update(row=base_row + row, where=f"{part.label}row {row + 1}")
@@ -410,7 +404,7 @@ def plain_rows(table: pa.Table, class_names: list[str], base: str) -> np.ndarray
     ok = pc.and_kleene(ok, pc.match_substring_regex(images, _PLAIN_TEXT))
     ok = pc.and_kleene(ok, pc.invert(pc.match_substring_regex(images, _NOT_NORMAL_PATH)))
     ok = pc.and_kleene(ok, pc.greater(pc.list_value_length(tags), 0))
-    plain = ok.fill_null(False).to_numpy(zero_copy_only=False)
+    plain: np.ndarray = ok.fill_null(False).to_numpy(zero_copy_only=False)
     tags = tags.combine_chunks()
     flat, parents = pc.list_flatten(tags), pc.list_parent_indices(tags).to_numpy()
     index = pc.index_in(flat, value_set=pa.array(class_names, pa.string())).fill_null(-1).to_numpy()
@@ -420,7 +414,7 @@ def plain_rows(table: pa.Table, class_names: list[str], base: str) -> np.ndarray
     return plain
 
 
-def _id_problem(image_id: Any) -> str | None:
+def id_problem(image_id: Any) -> str | None:
     if not isinstance(image_id, str):
         return "image_id is missing" if image_id is None else f"image_id must be a string, got {image_id!r}"
     image_id = image_id.strip()  # the id used is the stripped one
@@ -439,27 +433,27 @@ def _id_problem(image_id: Any) -> str | None:
     return None
 
 
-def _resolve_image(image: Any, base: str) -> str:
+def _resolve_image(image: object, base: str) -> str:
     """An absolute URI/path for a row's image field; base is the manifest's folder."""
     if image is None or (isinstance(image, str) and not image.strip()):
-        raise _RowProblem("missing_image", "image is missing")
+        raise RowProblem("missing_image", "image is missing")
     if not isinstance(image, str):
-        raise _RowProblem("bad_image", f"image must be a string, got {image!r}")
+        raise RowProblem("bad_image", f"image must be a string, got {image!r}")
     if _valid_utf8(image) != image:
-        raise _RowProblem("bad_image", f"image {image!r} is not valid Unicode text")
+        raise RowProblem("bad_image", f"image {image!r} is not valid Unicode text")
     image = image.strip()
     if image.startswith(S3_SCHEME):
         try:
             key = s3_bucket_and_key(image)[1]
         except ValueError as e:
-            raise _RowProblem("bad_image", str(e)) from None
+            raise RowProblem("bad_image", str(e)) from None
         if not key.strip("/"):
-            raise _RowProblem("bad_image", f"no object key in {image!r}")
+            raise RowProblem("bad_image", f"no object key in {image!r}")
         return image
     if image.startswith(FILE_SCHEME):
         return os.path.normpath(image[len(FILE_SCHEME):])
     if "://" in image:
-        raise _RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
+        raise RowProblem("bad_image", f"unsupported URI scheme in {image!r} (use s3:// or a path)")
     if os.path.isabs(image):
         return os.path.normpath(image)
     if base.startswith(S3_SCHEME):
@@ -469,15 +463,15 @@ def _resolve_image(image: Any, base: str) -> str:
 
 def _clean_tags(tags: Any, known: set[str]) -> list[str]:
     if tags is None:
-        raise _RowProblem("no_tags", "tags are missing")
+        raise RowProblem("no_tags", "tags are missing")
     if not isinstance(tags, list) or not all(t is None or isinstance(t, str) for t in tags):
-        raise _RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
+        raise RowProblem("bad_tags", f"tags must be a list of class names, got {tags!r}"[:200])
     names = list(dict.fromkeys(t.strip() for t in tags if t is not None and t.strip()))
     if not names:
-        raise _RowProblem("no_tags", "no tags (every image needs at least one class)")
+        raise RowProblem("no_tags", "no tags (every image needs at least one class)")
     unknown = [t for t in names if t not in known]
     if unknown:
-        raise _RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
+        raise RowProblem("unknown_tag", f"unknown tag(s) {', '.join(map(repr, unknown))}")
     return names
 
 
@@ -490,18 +484,19 @@ def check_record(record: dict[str, Any], class_names: list[str] | None, known: s
     empty.
     """
     if "rejected" in record:  # not a record at all (a JSONL line that is no object)
-        return record["rejected"]
+        rejected: RowError = record["rejected"]
+        return rejected
     raw_id, raw_image = record["image_id"], record["image"]
     try:
-        problem = _id_problem(raw_id)
+        problem = id_problem(raw_id)
         if problem:
-            raise _RowProblem("bad_id", problem)
+            raise RowProblem("bad_id", problem)
         if "problem" in record:  # found while reading it (VOC: its annotation)
             raise record["problem"]
         image = _resolve_image(raw_image, base)
         tags = [] if class_names is None else _clean_tags(record["tags"], known)
         return CorpusRow(raw_id.strip(), image, tags)
-    except _RowProblem as p:
+    except RowProblem as p:
         return RowError("" if raw_id is None else str(raw_id), "" if raw_image is None else str(raw_image),
                         "manifest", p.code, f"{record['where']}: {p}")
 
@@ -545,7 +540,7 @@ def absolute_base(base: str) -> str:
     return base if base.startswith(S3_SCHEME) else os.path.abspath(base)
 
 
-def _finish(rows: list[CorpusRow], errors: list[RowError], class_names: list[str],
+def usable_corpus(rows: list[CorpusRow], errors: list[RowError], class_names: list[str],
             uri: str) -> tuple[Corpus, list[RowError]]:
     if not rows and not errors:
         raise ManifestError(f"no rows in {uri}")
@@ -555,100 +550,31 @@ def _finish(rows: list[CorpusRow], errors: list[RowError], class_names: list[str
     return Corpus(rows=rows, class_names=class_names), errors
 
 
-def all_rejected_message(count: int, codes: Counter, first: str, uri: str) -> str:
+def all_rejected_message(count: int, codes: Counter[str], first: str, uri: str) -> str:
     listed = ", ".join(f"{code}: {n}" for code, n in codes.most_common())
     return f"all {count} rows of {uri} were rejected ({listed}); first: {first}"
 
 
-def _read_manifest(uri: str, classes: list[str] | str | None,
+def read_manifest(uri: str, classes: list[str] | str | None,
                    endpoint_url: str | None) -> tuple[Corpus, list[RowError]]:
     parts = manifest_parts(uri, endpoint_url)
     class_names = resolve_classes(classes, uri, endpoint_url)
     records = (r for part in parts for batch in part_records(part, endpoint_url=endpoint_url) for r in batch)
     rows, errors = validate_records(records, class_names, manifest_base(uri))
-    return _finish(rows, errors, class_names, uri)
+    return usable_corpus(rows, errors, class_names, uri)
 
 
 def manifest_base(uri: str) -> str:
     """The folder that relative image paths of a manifest (file or folder of files) start from."""
-    return uri.rstrip("/") if _format_of(uri) is None else parent(uri)
-
-
-# --------------------------------------------------------------------------- PASCAL VOC 2012
-
-def voc_root(uri: str, endpoint_url: str | None = None) -> str | None:
-    """The VOC2012 folder for `.../VOC2012` or `.../VOCdevkit` (None if neither holds
-    ImageSets/Segmentation)."""
-    for root in (uri.rstrip("/"), join(uri, "VOC2012")):
-        if exists(join(root, "ImageSets", "Segmentation"), endpoint_url):
-            return root
-    return None
-
-
-def voc_ground_truth_uri(root: str, image_id: str, endpoint_url: str | None = None) -> str | None:
-    """`SegmentationClass/<image_id>.png` under a VOC root, or None if there is none."""
-    uri = join(voc_root(root, endpoint_url) or root, "SegmentationClass", f"{image_id}.png")
-    return uri if exists(uri, endpoint_url) else None
-
-
-def _voc_tags(root: str, image_id: str, endpoint_url: str | None) -> list[str] | _RowProblem:
-    """Object names in Annotations/<image_id>.xml (difficult objects included), or the problem."""
-    uri = join(root, "Annotations", f"{image_id}.xml")
-    try:
-        tree = ET.fromstring(read_bytes(uri, endpoint_url))
-    except FileNotFoundError:
-        return _RowProblem("missing_annotation", f"no annotation {uri}")
-    except ET.ParseError as e:
-        return _RowProblem("bad_annotation", f"annotation {uri} is not valid XML: {e}")
-    except OSError as e:
-        return _RowProblem("bad_annotation", f"annotation {uri} is unreadable: {e}")
-    return [(obj.findtext("name") or "").strip() for obj in tree.findall("object")]
-
-
-def _read_voc(root: str, split: str, classes: list[str] | str | None,
-              endpoint_url: str | None) -> tuple[Corpus, list[RowError]]:
-    if classes is not None and resolve_classes(classes, root, endpoint_url) != VOC_CLASSES:
-        raise ManifestError(f"{root} is a VOC folder: its classes are the 20 VOC classes, "
-                            "do not pass other classes")
-    ids_uri = join(root, "ImageSets", "Segmentation", f"{split}.txt") if split in VOC_SPLITS else split
-    ids = [line.split()[0] for line in _read_text(ids_uri, "VOC split file", endpoint_url).splitlines()
-           if line.strip()]
-    fetch = sorted({i for i in ids if _id_problem(i) is None})
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        tags = dict(zip(fetch, pool.map(lambda i: _voc_tags(root, i, endpoint_url), fetch)))
-    records = []
-    for number, image_id in enumerate(ids, 1):
-        record = {"image_id": image_id, "image": f"JPEGImages/{image_id}.jpg",
-                  "tags": tags.get(image_id), "where": f"line {number} of {ids_uri}"}
-        if isinstance(record["tags"], _RowProblem):
-            record["problem"] = record.pop("tags")
-        records.append(record)
-    rows, errors = validate_records(records, VOC_CLASSES, root)
-    return _finish(rows, errors, list(VOC_CLASSES), ids_uri)
+    return uri.rstrip("/") if format_of(uri) is None else parent(uri)
 
 
 # --------------------------------------------------------------------------- entry points
 
-def read_corpus(input_uri: str, *, classes: list[str] | str | None = None, split: str = "train",
-                endpoint_url: str | None = None) -> tuple[Corpus, list[RowError]]:
-    """The usable rows of a manifest file or a VOC 2012 folder, and the rejected ones.
-
-    A manifest is a file or a folder/prefix of manifest files of one format (a sharded
-    manifest). Everything is read into memory: the labeling job streams manifests through Ray
-    Data instead (`psa_ray.pipeline.corpus`), with the same parser and checks.
-    classes: manifests only (see resolve_classes). split: VOC only, "train", "val", "trainval"
-    or the path/URI of an id list. Raises ManifestError for problems with the whole input.
-    """
-    root = None if _format_of(input_uri) else voc_root(input_uri, endpoint_url)
-    if root is not None:
-        return _read_voc(root, split, classes, endpoint_url)
-    return _read_manifest(input_uri, classes, endpoint_url)
-
-
 def write_manifest(corpus_rows: Sequence[CorpusRow], uri: str, format: str | None = None,
                    endpoint_url: str | None = None) -> None:
     """Write rows as a manifest; format ("parquet", "jsonl", "csv") defaults to uri's suffix."""
-    fmt = format or _format_of(uri)
+    fmt = format or format_of(uri)
     if fmt not in MANIFEST_FORMATS:
         raise ValueError(f"manifest format must be one of {MANIFEST_FORMATS}, got {fmt!r} for {uri}")
     if fmt == "parquet":

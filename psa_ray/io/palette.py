@@ -59,4 +59,5 @@ def decode_label_png(data: bytes | Image.Image) -> np.ndarray:
 
 def colorize(label: np.ndarray) -> np.ndarray:
     """[H,W] uint8 label map -> [H,W,3] uint8 RGB in the VOC colours."""
-    return _PALETTE_RGB[label]
+    rgb: np.ndarray = _PALETTE_RGB[label]
+    return rgb

@@ -26,7 +26,8 @@ CLASSES_KEY = "psa_ray-seed-classes"
 
 def quantize_scores(scores: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] (any shape) -> uint8 round(255 * p)."""
-    return np.rint(np.clip(np.asarray(scores, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    quantized: np.ndarray = np.rint(np.clip(np.asarray(scores, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return quantized
 
 
 def encode_seed_scores(low: np.ndarray, high: np.ndarray, keys: np.ndarray) -> bytes:

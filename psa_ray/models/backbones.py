@@ -14,6 +14,11 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The input normalisation of every backbone (ImageNet statistics, as the pretrained weights expect);
+# recorded in each exported network's meta.json.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class PreActBlock(nn.Module):
     """ResNet-38's two-conv residual unit: BN-ReLU, 3x3 conv (stride), BN-ReLU, 3x3 conv.
@@ -89,7 +94,7 @@ class ResNet38d(nn.Module):
     out_channels = (512, 1024, 4096)
     stem_modules = ("conv1a", "b2", "b2_1", "b2_2")  # psa's `not_training` (network/resnet38d.py)
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.conv1a = nn.Conv2d(3, 64, 3, padding=1, bias=False)
         # (name prefix, repeats, in, mid, out, stride of the first unit, first dilation, dilation)
@@ -110,10 +115,11 @@ class ResNet38d(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.conv1a(x)
         for block_name in self.block_names:
+            block: PreActBlock = getattr(self, block_name)
             if block_name == "b5":
-                x, conv4 = self.b5.forward_with_preact(x)
+                x, conv4 = block.forward_with_preact(x)
             else:
-                x = getattr(self, block_name)(x)
+                x = block(x)
         x, conv5 = self.b6.forward_with_preact(x)
         conv6 = F.relu(self.bn7(self.b7(x)))
         return [conv4, conv5, conv6]
@@ -133,7 +139,7 @@ class ResNet50(nn.Module):
     # and b2*; detectron2's freeze_at=2). IRN freezes only conv1 and bn1.
     stem_modules = ("conv1", "bn1", "layer1")
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         from torchvision.models import resnet50  # here: importing torchvision costs workers ~1 s
 
@@ -179,7 +185,7 @@ class TinyNet(nn.Module):
     out_channels = (64, 96, 128)
     stem_modules = ("stem",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, padding=1, bias=False), nn.BatchNorm2d(32),
                                   nn.ReLU(inplace=True))

@@ -8,6 +8,9 @@ All outputs are at the backbone's stride 8: `h, w = ceil(H/8), ceil(W/8)` for an
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,6 +21,11 @@ from psa_ray.models.backbones import build_backbone
 
 def _as_backbone(backbone: nn.Module | str) -> nn.Module:
     return build_backbone(backbone) if isinstance(backbone, str) else backbone
+
+
+def _out_channels(backbone: nn.Module) -> tuple[int, int, int]:
+    """A backbone's `out_channels` (every backbone has one; see backbones.py)."""
+    return cast("tuple[int, int, int]", backbone.out_channels)
 
 
 def _batch_norms(module: nn.Module) -> list[nn.Module]:
@@ -46,11 +54,11 @@ class _WithBackbone(nn.Module):
         self.frozen_pretrained = True
         for norm in _batch_norms(self):
             norm.requires_grad_(False)
-        for name in self.backbone.stem_modules:
+        for name in cast("tuple[str, ...]", self.backbone.stem_modules):
             getattr(self.backbone, name).requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> _WithBackbone:
         super().train(mode)
         if self.frozen_pretrained:
             for norm in _batch_norms(self):
@@ -69,14 +77,15 @@ class CamNet(_WithBackbone):
         super().__init__(backbone)
         self.num_classes = num_classes
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(self.backbone.out_channels[-1], num_classes, 1, bias=False)
+        self.classifier = nn.Conv2d(_out_channels(self.backbone)[-1], num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """Image-level logits [B,num_classes]: the global average of the classifier map (pooling
         first, which equals it for a 1x1 conv without bias)."""
         feature = self.dropout(self.backbone(x)[-1])
-        return self.classifier(F.adaptive_avg_pool2d(feature, 1)).flatten(1)
+        logits: Tensor = self.classifier(F.adaptive_avg_pool2d(feature, 1)).flatten(1)
+        return logits
 
     def cams(self, x: Tensor) -> Tensor:
         """Class activation maps [B,num_classes,h,w]: ReLU of the classifier on the last feature,
@@ -88,7 +97,7 @@ def default_feature_dims(out_channels: tuple[int, int, int]) -> tuple[int, int, 
     """The reference's reductions (512 -> 64, 1024 -> 128, 4096 -> 256, i.e. /8, /8, /16) scaled to
     a backbone's channels, at least 32 each: resnet38d (64, 128, 256), resnet50 (64, 128, 128),
     tiny (32, 32, 32)."""
-    return tuple(max(32, c // r) for c, r in zip(out_channels, (8, 8, 16)))
+    return cast("tuple[int, int, int]", tuple(max(32, c // r) for c, r in zip(out_channels, (8, 8, 16))))
 
 
 class AffinityNet(_WithBackbone):
@@ -103,12 +112,13 @@ class AffinityNet(_WithBackbone):
     def __init__(self, backbone: nn.Module | str, feature_dims: tuple[int, int, int] | None = None,
                  out_dim: int | None = None):
         super().__init__(backbone)
-        feature_dims = tuple(feature_dims or default_feature_dims(self.backbone.out_channels))
-        self.out_dim = out_dim or sum(feature_dims)
-        self.reduce = nn.ModuleList(nn.Conv2d(c, d, 1, bias=False)
-                                    for c, d in zip(self.backbone.out_channels, feature_dims))
-        self.fuse = nn.Conv2d(sum(feature_dims), self.out_dim, 1, bias=False)
-        for conv in self.reduce:
+        out_channels = _out_channels(self.backbone)
+        dims = tuple(feature_dims or default_feature_dims(out_channels))
+        self.out_dim = out_dim or sum(dims)
+        reduce = [nn.Conv2d(c, d, 1, bias=False) for c, d in zip(out_channels, dims)]
+        self.reduce = nn.ModuleList(reduce)
+        self.fuse = nn.Conv2d(sum(dims), self.out_dim, 1, bias=False)
+        for conv in reduce:
             nn.init.kaiming_normal_(conv.weight)
         nn.init.xavier_uniform_(self.fuse.weight, gain=4)
 
@@ -132,21 +142,22 @@ class DeepLabLargeFOV(_WithBackbone):
     def __init__(self, backbone: nn.Module | str, num_classes: int):
         super().__init__(backbone)
         self.num_classes = num_classes
-        self.fc6 = nn.Conv2d(self.backbone.out_channels[-1], self.HIDDEN, 3, padding=self.DILATION,
+        self.fc6 = nn.Conv2d(_out_channels(self.backbone)[-1], self.HIDDEN, 3, padding=self.DILATION,
                              dilation=self.DILATION)
         self.fc7 = nn.Conv2d(self.HIDDEN, self.HIDDEN, 1)
         self.fc8 = nn.Conv2d(self.HIDDEN, num_classes, 1)
         self.dropout = nn.Dropout2d(self.DROPOUT)
         for conv in (self.fc6, self.fc7):
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            nn.init.zeros_(cast(Tensor, conv.bias))  # a Conv2d made with a bias
         nn.init.normal_(self.fc8.weight, std=0.01)
-        nn.init.zeros_(self.fc8.bias)
+        nn.init.zeros_(cast(Tensor, self.fc8.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         """Per-pixel logits [B,num_classes,h,w]."""
         h = self.dropout(F.relu(self.fc6(self.backbone(x)[-1])))
-        return self.fc8(self.dropout(F.relu(self.fc7(h))))
+        logits: Tensor = self.fc8(self.dropout(F.relu(self.fc7(h))))
+        return logits
 
 
 class DeepLab(_WithBackbone):
@@ -161,35 +172,77 @@ class DeepLab(_WithBackbone):
     def __init__(self, backbone: nn.Module | str, num_classes: int):
         super().__init__(backbone)
         self.num_classes = num_classes
-        channels = self.backbone.out_channels[-1]
-        self.aspp = nn.ModuleList(nn.Conv2d(channels, num_classes, 3, padding=rate, dilation=rate)
-                                  for rate in self.RATES)
-        for conv in self.aspp:
+        channels = _out_channels(self.backbone)[-1]
+        aspp = [nn.Conv2d(channels, num_classes, 3, padding=rate, dilation=rate) for rate in self.RATES]
+        self.aspp = nn.ModuleList(aspp)
+        for conv in aspp:
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            nn.init.zeros_(cast(Tensor, conv.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         """Per-pixel logits [B,num_classes,h,w]."""
         feature = self.backbone(x)[-1]
-        return sum(conv(feature) for conv in self.aspp)
+        logits: Tensor = sum(conv(feature) for conv in self.aspp)
+        return logits
 
 
-MODEL_KINDS = ("cam", "affinity", "deeplab")
 SEGMENTATION_HEADS = {"largefov": DeepLabLargeFOV, "aspp": DeepLab}
 
 
-def build_model(kind: str, backbone: str, num_classes: int | None, head: str = "aspp") -> nn.Module:
-    """A freshly initialised network: "cam" (num_classes = foreground classes), "affinity"
-    (num_classes must be None) or "deeplab" (num_classes includes background; `head` one of
-    SEGMENTATION_HEADS, "aspp" for checkpoints exported before the choice existed)."""
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(MODEL_KINDS)}")
-    if head not in SEGMENTATION_HEADS:
-        raise ValueError(f"unknown segmentation head {head!r}; valid: {', '.join(SEGMENTATION_HEADS)}")
-    if kind == "affinity":
-        if num_classes is not None:
-            raise ValueError(f"AffinityNet has no classes; got num_classes={num_classes}")
-        return AffinityNet(backbone)
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One of the method's networks: what it is, what it trains on, how to build it.
+
+    mask_folder: the folder of a labeling output that holds its per-pixel training targets
+    (None: it trains on image tags only). outputs(num_foreground): the network's output classes
+    for a corpus of that many foreground classes (None: class-agnostic).
+    """
+
+    kind: str
+    title: str
+    mask_folder: str | None
+    outputs: Callable[[int], int | None]
+    build: Callable[[nn.Module | str, int | None, str], nn.Module]  # (backbone, outputs, head)
+
+
+def _counted(num_classes: int | None, kind: str) -> int:
     if num_classes is None or num_classes < 1:
         raise ValueError(f"a {kind!r} model needs num_classes >= 1; got {num_classes}")
-    return CamNet(backbone, num_classes) if kind == "cam" else SEGMENTATION_HEADS[head](backbone, num_classes)
+    return num_classes
+
+
+def _affinity(backbone: nn.Module | str, num_classes: int | None, head: str) -> nn.Module:
+    if num_classes is not None:
+        raise ValueError(f"AffinityNet has no classes; got num_classes={num_classes}")
+    return AffinityNet(backbone)
+
+
+NETWORKS: dict[str, NetworkSpec] = {spec.kind: spec for spec in (
+    NetworkSpec("cam", "the CAM (classification) network on image tags", None, lambda n: n,
+                lambda backbone, n, head: CamNet(backbone, _counted(n, "cam"))),
+    NetworkSpec("affinity", "AffinityNet on stage-B seed labels", "seeds", lambda n: None, _affinity),
+    NetworkSpec("deeplab", "DeepLab on pseudo labels", "labels", lambda n: n + 1,  # + background
+                lambda backbone, n, head: SEGMENTATION_HEADS[head](backbone, _counted(n, "deeplab"))),
+)}
+
+
+def network_spec(kind: str) -> NetworkSpec:
+    """The registry entry of a network kind; ValueError names the valid kinds."""
+    if kind not in NETWORKS:
+        raise ValueError(f"unknown network kind {kind!r}; valid kinds: {', '.join(NETWORKS)}")
+    return NETWORKS[kind]
+
+
+def build_model(kind: str, backbone: str, num_classes: int | None, head: str = "aspp") -> nn.Module:
+    """A freshly initialised network with `num_classes` outputs: "cam" (foreground classes),
+    "affinity" (num_classes must be None) or "deeplab" (background included; `head` one of
+    SEGMENTATION_HEADS, "aspp" for checkpoints exported before the choice existed)."""
+    spec = network_spec(kind)
+    if head not in SEGMENTATION_HEADS:
+        raise ValueError(f"unknown segmentation head {head!r}; valid: {', '.join(SEGMENTATION_HEADS)}")
+    return spec.build(backbone, num_classes, head)
+
+
+def build_network(kind: str, backbone: str, num_foreground: int, head: str = "aspp") -> nn.Module:
+    """A freshly initialised network for a corpus of `num_foreground` classes."""
+    return build_model(kind, backbone, network_spec(kind).outputs(num_foreground), head)

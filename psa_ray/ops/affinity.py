@@ -71,7 +71,7 @@ def feature_affinities(features: Tensor, radius: int) -> Tensor:
     return torch.stack(per_offset, dim=1)
 
 
-def seed_labels(label_low: np.ndarray, label_high: np.ndarray) -> np.ndarray:
+def confident_seeds(label_low: np.ndarray, label_high: np.ndarray) -> np.ndarray:
     """Confident seeds [H,W] uint8 from the CRF label maps at alpha_low and alpha_high ([H,W] uint8).
 
     Foreground of `label_low` (background weak) is kept, background of `label_high` (background

@@ -1,7 +1,7 @@
 """Class activation maps: multi-scale + flip inference, per-class normalisation, background map."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from psa_ray.models.inference import IMAGENET_MEAN, IMAGENET_STD
+from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from psa_ray.ops.forward import precision
 
 NORM_EPS = 1e-5
@@ -35,9 +35,9 @@ def resize_images(images: Tensor, size: tuple[int, int], resample: str) -> Tenso
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     pixels = ((images.detach().float().cpu() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-    resized = [np.asarray(Image.fromarray(p.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.BICUBIC))
+    resized = [Image.fromarray(p.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.Resampling.BICUBIC)
                for p in pixels]
-    out = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
+    out = torch.from_numpy(np.stack([np.asarray(r) for r in resized])).permute(0, 3, 1, 2).float() / 255.0
     return ((out - mean) / std).to(images.device, images.dtype)
 
 
@@ -56,6 +56,7 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
     if not scales:
         raise ValueError("at least one scale is needed")
     batch, _, height, width = images.shape
+    cams_of: Callable[[Tensor], Tensor] = getattr(model, "cams")  # nn.Module types attributes Tensor | Module
     maps = []
     with torch.no_grad():
         for scale in scales:
@@ -64,7 +65,7 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
             if flip:
                 scaled = torch.cat([scaled, scaled.flip(-1)])
             with precision(images.device, autocast):
-                cams = model.cams(scaled).float()
+                cams = cams_of(scaled).float()
             if flip:  # upsampling is linear and commutes with the flip, so add the pair first
                 cams = cams[:batch] + cams[batch:].flip(-1)
             maps.append(F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False))
@@ -105,9 +106,3 @@ def with_constant_background(cams: Tensor, background: float = PSA_EVAL_BACKGROU
         raise ValueError(f"cams must be [B,C,H,W], got shape {tuple(cams.shape)}")
     return torch.cat([torch.full_like(cams[:, :1], background), cams], dim=1)
 
-
-def cams_to_labels(scores: Tensor) -> Tensor:
-    """scores [B,C+1,H,W] (background first) -> labels [B,H,W] int64: 0 background, k = class k."""
-    if scores.dim() != 4:
-        raise ValueError(f"scores must be [B,C+1,H,W], got shape {tuple(scores.shape)}")
-    return scores.argmax(dim=1)

@@ -31,7 +31,3 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, config: CrfConfig = CrfConfi
     marginals = crf.inference(config.iterations)
     return np.asarray(marginals, dtype=np.float32).reshape(classes, height, width)
 
-
-def crf_labels(image: np.ndarray, probs: np.ndarray, config: CrfConfig = CrfConfig()) -> np.ndarray:
-    """Argmax [H,W] uint8 of `dense_crf(image, probs, config)` (class index 0..C-1)."""
-    return np.argmax(dense_crf(image, probs, config), axis=0).astype(np.uint8)

@@ -1,12 +1,13 @@
 """Running a network on a list of differently sized images: grouping, precision, DeepLab's output."""
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 def same_shape_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
@@ -17,7 +18,20 @@ def same_shape_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def precision(device: torch.device, autocast: torch.dtype | None) -> AbstractContextManager:
+def map_same_shape(fn: Callable[[list[int]], Iterable[T]], tensors: Sequence[Tensor]) -> list[T]:
+    """fn(group) once per group of `same_shape_groups(tensors)`, in that order -> [len(tensors)] results
+    in the tensors' order.
+
+    A group holds the indices (increasing) of the tensors of one shape, so they stack; fn returns
+    one result per index, in the group's order (ValueError if the counts differ).
+    """
+    results: dict[int, T] = {}
+    for group in same_shape_groups(tensors):
+        results.update(zip(group, fn(group), strict=True))
+    return [results[i] for i in range(len(tensors))]
+
+
+def precision(device: torch.device, autocast: torch.dtype | None) -> torch.autocast:
     """Autocast to `autocast` (e.g. torch.bfloat16) on `device`; None: float32, no autocast."""
     return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
 
@@ -28,12 +42,11 @@ def segment_probabilities(model: nn.Module, images: Sequence[Tensor],
     DeepLab's logits upsampled bilinearly to the image size, as in training, then a softmax.
     Images of one size share a forward pass. `autocast`: the precision of the network's
     inference (None: float32)."""
-    out: list[Tensor] = [None] * len(images)  # type: ignore[list-item]
-    for group in same_shape_groups(images):
+    def probabilities(group: list[int]) -> tuple[Tensor, ...]:
         batch = torch.stack([images[i] for i in group])
         with torch.inference_mode(), precision(batch.device, autocast):
-            logits = model(batch)
+            logits: Tensor = model(batch)
         logits = F.interpolate(logits.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)
-        for n, probs in zip(group, logits.softmax(dim=1)):
-            out[n] = probs
-    return out
+        return logits.softmax(dim=1).unbind()
+
+    return map_same_shape(probabilities, images)

@@ -3,21 +3,22 @@
 Plain functions (no Ray). The network steps take a list of images (any sizes; images of one
 size share a forward pass, and one random walk serves them all): the pipeline's actors pass a
 batch, the sequential baseline in bench/ one image at a time. Class maps are kept only for the
-image's tags: `keys` holds the label values (1..C) of the kept maps, and score arrays stack
-background first, then `keys`.
+image's tags: `class_ids` holds the label values (1..C) of the kept maps, and score arrays stack
+background first, then `class_ids`.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from psa_ray.config import CamConfig, CrfConfig, WalkConfig
-from psa_ray.ops.affinity import feature_affinities, seed_labels
-from psa_ray.ops.forward import precision, same_shape_groups
+from psa_ray.ops.affinity import feature_affinities, confident_seeds
+from psa_ray.ops.forward import map_same_shape, precision
 from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
 from psa_ray.ops.crf import dense_crf
 from psa_ray.ops.random_walk import random_walk_many
@@ -27,29 +28,29 @@ STRIDE = 8
 
 def tagged_cams(cam_net: nn.Module, images: Sequence[torch.Tensor], tags: Sequence[np.ndarray],
                 config: CamConfig, autocast: torch.dtype | None = None) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """images[i] [3,H_i,W_i] normalised, tags[i] [C] multi-hot -> per image (keys [n] int64 in 1..C,
+    """images[i] [3,H_i,W_i] normalised, tags[i] [C] multi-hot -> per image (class_ids [n] int64 in 1..C,
     cams [n,H_i,W_i] in [0,1]).
 
     Images of one size run through the network together. `autocast`: the precision of the
     network's inference (None: float32), see `class_activation_maps`.
     """
-    out: list[tuple[np.ndarray, torch.Tensor]] = [None] * len(images)  # type: ignore[list-item]
-    for group in same_shape_groups(images):
+    def kept_cams(group: list[int]) -> list[tuple[np.ndarray, torch.Tensor]]:
         tag_tensor = torch.as_tensor(np.stack([np.asarray(tags[i]) for i in group]), dtype=torch.float32,
                                      device=images[group[0]].device)
         cams = class_activation_maps(cam_net, torch.stack([images[i] for i in group]), config.scales,
                                      config.flip, autocast, config.resample)
         cams = normalize_cams(cams, tag_tensor)
-        for n, i in enumerate(group):
-            present = torch.nonzero(tag_tensor[n] > 0).flatten()
-            out[i] = ((present + 1).cpu().numpy().astype(np.int64), cams[n, present])
-    return out
+        present = [torch.nonzero(image_tags > 0).flatten() for image_tags in tag_tensor.unbind()]
+        return [((p + 1).cpu().numpy().astype(np.int64), cams[n, p]) for n, p in enumerate(present)]
+
+    return map_same_shape(kept_cams, images)
 
 
-def scores_to_labels(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """scores [n+1,H,W] (background, then keys) -> label map [H,W] uint8 with values 0 or keys."""
-    lookup = np.concatenate([[0], keys]).astype(np.uint8)
-    return lookup[np.argmax(scores, axis=0)]
+def scores_to_labels(scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """scores [n+1,H,W] (background, then class_ids) -> label map [H,W] uint8 with values 0 or class_ids."""
+    lookup = np.concatenate([[0], class_ids]).astype(np.uint8)
+    best: NDArray[np.intp] = np.argmax(scores, axis=0)
+    return lookup[best]
 
 
 def crf_scores(rgb: np.ndarray, scores: np.ndarray, config: CrfConfig) -> np.ndarray:
@@ -70,11 +71,11 @@ def seed_crf_scores(rgb: np.ndarray, cams: np.ndarray, config: CamConfig) -> tup
     return low, high
 
 
-def seed_label(rgb: np.ndarray, cams: np.ndarray, keys: np.ndarray, config: CamConfig) -> np.ndarray:
-    """Stage B: confident seeds [H,W] uint8 (0 bg, keys fg, 255 don't care) from cams [n,H,W]:
-    the per-pixel rule of `seed_labels` on the argmax of `seed_crf_scores`."""
+def seed_label(rgb: np.ndarray, cams: np.ndarray, class_ids: np.ndarray, config: CamConfig) -> np.ndarray:
+    """Stage B: confident seeds [H,W] uint8 (0 bg, class_ids fg, 255 don't care) from cams [n,H,W]:
+    the per-pixel rule of `confident_seeds` on the argmax of `seed_crf_scores`."""
     low, high = seed_crf_scores(rgb, cams, config)
-    return seed_labels(scores_to_labels(low, keys), scores_to_labels(high, keys))
+    return confident_seeds(scores_to_labels(low, class_ids), scores_to_labels(high, class_ids))
 
 
 def walk_size(height: int, width: int, min_side: int) -> tuple[int, int]:
@@ -101,7 +102,8 @@ def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: S
     """
     padded, scores = [], []
     for image, image_cams in zip(images, cams):
-        size = walk_size(*image.shape[-2:], config.min_side)
+        height, width = image.shape[-2:]
+        size = walk_size(height, width, config.min_side)
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
             image_cams = F.interpolate(image_cams[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -110,14 +112,14 @@ def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: S
         with torch.inference_mode():
             background_first = with_background(image_cams[None], config.alpha)
             scores.append(F.avg_pool2d(F.pad(background_first, pad), STRIDE, STRIDE)[0].float())
-    affinities: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+
+    def group_affinities(group: list[int]) -> tuple[torch.Tensor, ...]:
+        with precision(padded[group[0]].device, autocast):
+            features: torch.Tensor = affinity_net(torch.stack([padded[i] for i in group]))
+        return feature_affinities(features.float(), config.radius).unbind()
+
     with torch.inference_mode():
-        for group in same_shape_groups(padded):
-            with precision(padded[group[0]].device, autocast):
-                features = affinity_net(torch.stack([padded[i] for i in group]))
-            grouped = feature_affinities(features.float(), config.radius)
-            for n, i in enumerate(group):
-                affinities[i] = grouped[n]
+        affinities = map_same_shape(group_affinities, padded)
         scores = [s[:, : a.shape[-2], : a.shape[-1]] for s, a in zip(scores, affinities)]
         return random_walk_many(affinities, scores, config.beta, config.t)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from psa_ray.ops.affinity import pair_offsets, pair_slices
-from psa_ray.ops.forward import same_shape_groups
+from psa_ray.ops.forward import map_same_shape, same_shape_groups
 
 
 def radius_for_pairs(num_pairs: int) -> int:
@@ -198,10 +198,15 @@ def random_walk_many(affinities: Sequence[Tensor], cams: Sequence[Tensor], beta:
     neighbourhood = 2 * affinities[0].shape[0] + 1
     pixels = [cams[i].shape[1] * cams[i].shape[2] for i in order]
     tolerance = torch.finfo(dtype).eps / math.sqrt(neighbourhood * max(pixels))
-    walked = apply_power(transition, state, t, tolerance)
-    out: list[Tensor] = [None] * len(cams)  # type: ignore[list-item]
-    for i, start, size in zip(order, _offsets(pixels), pixels):
-        channels_i, height, width = cams[i].shape
-        rows = walked[start: start + size, :channels_i]
-        out[i] = rows.reshape(height, width, channels_i).permute(2, 0, 1).contiguous()
-    return out
+    rows = iter(torch.split(apply_power(transition, state, t, tolerance), pixels))  # image by image, in `order`
+
+    def unflatten(group: list[int]) -> list[Tensor]:
+        """The next len(group) images' rows [h*w, channels] -> the group's walked maps [C_i,h,w]."""
+        maps = []
+        for i in group:
+            channels_i, height, width = cams[i].shape
+            maps.append(next(rows)[:, :channels_i].reshape(height, width, channels_i).permute(2, 0, 1).contiguous())
+        return maps
+
+    # map_same_shape visits the groups of same_shape_groups(cams) in order, as the rows hold them.
+    return map_same_shape(unflatten, cams)

@@ -18,6 +18,7 @@ BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
 
 LegendEntry = tuple[str, tuple[int, int, int]]
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont  # what ImageFont.load_default() returns
 
 
 def overlay(rgb: np.ndarray, label: np.ndarray, opacity: float = 0.6) -> np.ndarray:
@@ -88,16 +89,16 @@ def panel_grid(panels: Sequence[np.ndarray], titles: Sequence[str],
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _text_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+def _text_height(font: Font) -> int:
     box = font.getbbox("Ag|")
     return int(box[3]) + 2
 
 
-def _text_width(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+def _text_width(text: str, font: Font) -> int:
     return int(font.getbbox(text)[2]) if text else 0
 
 
-def _fit(text: str, font, width: int) -> str:
+def _fit(text: str, font: Font, width: int) -> str:
     """text, cut and ended with '..' when wider than width pixels."""
     if _text_width(text, font) <= width:
         return text
@@ -106,7 +107,7 @@ def _fit(text: str, font, width: int) -> str:
     return text + ".."
 
 
-def _legend_rows(legend: Sequence[LegendEntry], font, line: int,
+def _legend_rows(legend: Sequence[LegendEntry], font: Font, line: int,
                  grid_width: int) -> list[list[tuple[int, str, tuple[int, int, int]]]]:
     """Legend entries placed as (left, name, colour), wrapped into rows that fit grid_width."""
     rows: list[list[tuple[int, str, tuple[int, int, int]]]] = []

@@ -16,17 +16,15 @@ from psa_ray.config import CamConfig, WalkConfig
 from psa_ray.io.images import resize_label
 from psa_ray.io.palette import decode_label_png, encode_label_png
 from psa_ray.io.seeds import encode_seed_scores
-from psa_ray.io.storage import read_bytes, redact
+from psa_ray.io.storage import read_bytes
+from psa_ray.io.redact import redact
 from psa_ray.ops.cam import with_background, with_constant_background
 from psa_ray.ops.metrics import confusion_matrix
 from psa_ray.ops.pseudo_labels import (
     crf_scores, scores_to_labels, seed_crf_scores, seed_label, tagged_cams, upsample_scores, walk_scores)
-from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
-from psa_ray.pipeline.writers import EVAL_VARIANTS
-
-
-def inference_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
+from psa_ray.pipeline.readers import object_column
+from psa_ray.pipeline.writers import EVAL_VARIANTS, shard_columns, shard_defaults
 
 
 def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[str, Any]],
@@ -47,8 +45,8 @@ def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[s
             traceback.print_exc()
     result = dict(batch)
     for key, values in out.items():
-        result[key] = _objects(values)
-    result["stage"], result["error"], result["message"] = map(_objects, (stages, errors, messages))
+        result[key] = object_column(values)
+    result["stage"], result["error"], result["message"] = map(object_column, (stages, errors, messages))
     return result
 
 
@@ -69,16 +67,9 @@ def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]]
     return per_row(batch, stage, done.__getitem__, columns)
 
 
-def _objects(values: list) -> np.ndarray:
-    array = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        array[i] = value
-    return array
-
-
-class CamActor:
-    """GPU stage: multi-scale CAMs of the tagged classes (and, for stage D, the random walk), the
-    whole batch at once (`per_batch`)."""
+class NetworkActor:
+    """GPU stage, the networks: multi-scale CAMs of the tagged classes (stage B), and for stage D
+    AffinityNet and the random walk too, the whole batch at once (`per_batch`)."""
 
     def __init__(self, cam_weights: str, cam: CamConfig, affinity_weights: str | None = None,
                  walk: WalkConfig | None = None, keep_cams: bool = True, mixed_precision: bool = True):
@@ -91,7 +82,7 @@ class CamActor:
     def _rows(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, Any]]:
         images = [to_tensor(batch["rgb"][i]).to(self.device) for i in rows]
         tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], self.cam, self.autocast)
-        out: list[dict[str, Any]] = [{"keys": keys} for keys, _ in tagged]
+        out: list[dict[str, Any]] = [{"class_ids": class_ids} for class_ids, _ in tagged]
         if self.keep_cams:
             for row, (_, cams) in zip(out, tagged):
                 row["cams"] = cams.cpu().numpy().astype(np.float16)
@@ -102,7 +93,7 @@ class CamActor:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        columns = {"keys": np.zeros(0, np.int64)}
+        columns = {"class_ids": np.zeros(0, np.int64)}
         if self.keep_cams:
             columns["cams"] = np.zeros((0, 1, 1), np.float16)
         if self.affinity_net is not None:
@@ -137,10 +128,10 @@ class SeedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         def row(i: int) -> dict[str, Any]:
-            rgb, cams, keys = batch["rgb"][i], batch["cams"][i].astype(np.float32), batch["keys"][i]
+            rgb, cams, class_ids = batch["rgb"][i], batch["cams"][i].astype(np.float32), batch["class_ids"][i]
             if self.cam.seed_scores:
-                return {"png": encode_seed_scores(*seed_crf_scores(rgb, cams, self.cam), keys)}
-            return {"png": encode_label_png(seed_label(rgb, cams, keys, self.cam))}
+                return {"png": encode_seed_scores(*seed_crf_scores(rgb, cams, self.cam), class_ids)}
+            return {"png": encode_label_png(seed_label(rgb, cams, class_ids, self.cam))}
         out = per_row(batch, "seed", row, {"png": b""})
         return {k: out[k] for k in ("image_id", "png", "stage", "error", "message")}
 
@@ -160,37 +151,30 @@ class RefineActor:
         self.walk, self.num_classes, self.evaluate = walk, num_classes, evaluate
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-        rgb, keys = batch["rgb"][i], batch["keys"][i]
+        rgb, class_ids = batch["rgb"][i], batch["class_ids"][i]
         walked = upsample_scores(batch["walked"][i], *rgb.shape[:2], self.walk)
         probs = crf_scores(rgb, walked, self.walk.crf)
-        # An image shrunk for processing (readers.MAX_SIDE) gets its label at its full size.
+        # An image shrunk for processing (PipelineConfig.max_side) gets its label at its full size.
         height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
-        label = resize_label(scores_to_labels(probs, keys), height, width)
-        counts = np.bincount(label.ravel(), minlength=self.num_classes + 1)[: self.num_classes + 1]
-        out: dict[str, Any] = {
-            "label_png": encode_label_png(label), "height": height, "width": width,
-            "class_fractions": (counts / label.size).astype(np.float32),
-            "mean_confidence": float(probs.max(axis=0).mean()),
-        }
+        label = resize_label(scores_to_labels(probs, class_ids), height, width)
+        out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1)
         gt = ground_truth(str(batch["gt_uri"][i])) if self.evaluate else None
         if gt is not None:
             if gt.shape != label.shape:
                 raise ValueError(f"ground truth {gt.shape} does not match image {label.shape}")
             cams_t = torch.from_numpy(batch["cams"][i].astype(np.float32))[None]
             cams = with_background(cams_t, self.walk.alpha)[0].numpy()
-            variants = {"cam": scores_to_labels(cams, keys),
-                        "psa": scores_to_labels(with_constant_background(cams_t)[0].numpy(), keys),
-                        "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), keys),
-                        "rw": scores_to_labels(walked, keys), "rw_crf": label}
+            variants = {"cam": scores_to_labels(cams, class_ids),  # the names of EVAL_VARIANTS
+                        "psa": scores_to_labels(with_constant_background(cams_t)[0].numpy(), class_ids),
+                        "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), class_ids),
+                        "rw": scores_to_labels(walked, class_ids), "rw_crf": label}
             k = self.num_classes + 1
             for name, pred in variants.items():
                 out[f"cm_{name}"] = confusion_matrix(resize_label(pred, height, width), gt, k).ravel()
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        columns: dict[str, Any] = {"label_png": b"", "height": 0, "width": 0,
-                                   "class_fractions": np.zeros(self.num_classes + 1, np.float32),
-                                   "mean_confidence": 0.0}
+        columns = shard_defaults(self.num_classes + 1)
         if self.evaluate:
             empty = np.zeros(0, np.int64)
             columns.update({f"cm_{v}": empty for v in EVAL_VARIANTS})

@@ -36,8 +36,10 @@ from ray.data.datasource import Datasource, ReadTask
 
 from psa_ray.io.manifest import (
     ERROR_SCHEMA, ROW_STRIDE, CorpusRow, ManifestError, ManifestPart, RowError, absolute_base,
-    all_rejected_message, check_record, duplicate_error, id_key, manifest_base, manifest_parts,
-    parquet_batches, parquet_records, part_records, plain_rows, read_corpus, resolve_classes, voc_root)
+    all_rejected_message, check_record, duplicate_error, id_key, manifest_base, manifest_parts, parquet_batches,
+    parquet_records, part_records, plain_rows, resolve_classes)
+from psa_ray.io.inputs import read_corpus
+from psa_ray.io.voc import voc_root
 from psa_ray.io.storage import exists, join, list_files, read_bytes, remove_tree, write_bytes
 from psa_ray.pipeline.writers import error_table, read_table, table_rows, write_table
 

@@ -1,17 +1,18 @@
 """Ray Data readers: corpus rows -> decoded images, with bad rows kept (and flagged) rather than lost."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import ray
 
+from psa_ray.config import PipelineConfig
 from psa_ray.io.images import ImageDecodeError, decode_scaled, resize_label
 from psa_ray.io.seeds import decode_seed
-from psa_ray.io.storage import ObjectTooLargeError, is_transient, read_bytes, redact
+from psa_ray.io.manifest import Corpus
+from psa_ray.io.storage import ObjectTooLargeError, is_transient, join, list_files, read_bytes
+from psa_ray.io.redact import redact
 
-# Images whose long side is above MAX_SIDE are processed shrunk to it; labels come back full size.
-MAX_SIDE = 2048
 # Larger files are rejected unread (a video or an archive in the manifest must not OOM a worker).
 MAX_IMAGE_BYTES = 256 * 2**20
 # A decoded row that failed carries this placeholder image and a non-empty `error`.
@@ -26,6 +27,27 @@ def rows_dataset(rows: Iterable[dict[str, Any]]) -> ray.data.Dataset:
     """A small in-memory list of pipeline rows (tests, benchmarks, prediction) as a Dataset."""
     rows = list(rows)
     return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), -(-len(rows) // ROWS_PER_BLOCK))))
+
+
+def corpus_rows(corpus: Corpus, gt: str | None) -> list[dict[str, Any]]:
+    """A small in-memory corpus (tests, benchmarks, the train_* jobs) as pipeline rows, the
+    columns of `corpus.corpus_dataset`: multi-hot `tags`, `tag_names` ('|'-joined) and `gt_uri`
+    (`<gt>/<image_id>.png`, '' without gt; a missing file means no ground truth)."""
+    return [{"image_id": row.image_id, "image": row.image, "tag_names": "|".join(row.tags),
+             "tags": corpus.tag_vector(row), "gt_uri": join(gt, f"{row.image_id}.png") if gt else ""}
+            for row in corpus.rows]
+
+
+def with_masks(rows: list[dict[str, Any]], folder: str) -> list[dict[str, Any]]:
+    """The rows that have `<folder>/<image_id>.png` (seeds, labels or true masks), with `mask_uri`
+    (small in-memory corpora; the labeling job looks masks up in committed tables instead)."""
+    have = set(list_files(folder, suffix=".png"))
+    return [{**r, "mask_uri": uri} for r in rows if (uri := join(folder, f"{r['image_id']}.png")) in have]
+
+
+def with_mask_uri(batch: dict[str, np.ndarray], *, folder: str) -> dict[str, np.ndarray]:
+    """A batch of rows with `mask_uri` = `<folder>/<image_id>.png` (masks known to exist)."""
+    return {**batch, "mask_uri": np.array([join(folder, f"{i}.png") for i in batch["image_id"]], dtype=object)}
 
 
 def _read_row(image_uri: str, mask_uri: str | None,
@@ -56,7 +78,7 @@ def _row_error(error: Exception) -> tuple[str, str]:
     return "read", f"{type(error).__name__}: {error}"
 
 
-def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = MAX_SIDE) -> dict[str, Any]:
+def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = PipelineConfig.max_side) -> dict[str, Any]:
     """Read and decode each row's image (and `mask_uri`, if present) into `rgb` (and `mask`).
 
     Images with a long side above max_side are shrunk (aspect kept, `images.processing_size`);
@@ -88,9 +110,9 @@ def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = MAX_SIDE
         rgbs.append(rgb)
         masks.append(mask)
     out = dict(batch)
-    out["rgb"] = _ragged(rgbs)
+    out["rgb"] = object_column(rgbs)
     if has_mask:
-        out["mask"] = _ragged(masks)
+        out["mask"] = object_column(masks)
     out["orig_height"], out["orig_width"] = heights, widths
     out["stage"] = np.array(["read" if e else "" for e in errors], dtype=object)
     out["error"] = np.array(errors, dtype=object)
@@ -99,7 +121,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = MAX_SIDE
 
 
 def decoded_dataset(rows: ray.data.Dataset, *, num_cpus: float = 1.0,
-                    max_side: int | None = MAX_SIDE) -> ray.data.Dataset:
+                    max_side: int | None = PipelineConfig.max_side) -> ray.data.Dataset:
     """Pipeline rows in blocks of ROWS_PER_BLOCK, then `decode_rows` in CPU tasks (S3 endpoint
     from AWS_ENDPOINT_URL)."""
     blocks = rows.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
@@ -116,9 +138,10 @@ def drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in batch.items()}
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """An object array of per-row arrays (Ray stores it as a variable-shaped tensor column)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, array in enumerate(arrays):
-        out[i] = array
+def object_column(values: Sequence[Any]) -> np.ndarray:
+    """An object array of per-row values, e.g. arrays of other shapes (Ray stores it as a
+    variable-shaped tensor column)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
     return out

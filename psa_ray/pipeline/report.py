@@ -16,12 +16,14 @@ import torch
 from psa_ray.config import Preset
 from psa_ray.io.images import decode_image, encode_png
 from psa_ray.io.palette import colorize, decode_label_png
-from psa_ray.io.storage import exists, join, read_bytes, redact, write_bytes
+from psa_ray.io.storage import exists, join, read_bytes, write_bytes
+from psa_ray.io.redact import redact
 from psa_ray.ops.cam import with_background
 from psa_ray.ops.pseudo_labels import scores_to_labels, tagged_cams, upsample_scores, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
-from psa_ray.pipeline.actors import ground_truth, inference_device
-from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
+from psa_ray.pipeline.actors import ground_truth
+from psa_ray.pipeline.scoring import metrics_table
+from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
 
@@ -41,11 +43,11 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
     image = to_tensor(rgb).to(device)
     autocast = autocast_dtype(device, preset.pipeline.mixed_precision)
     with torch.inference_mode():
-        [(keys, cams)] = tagged_cams(cam_net, [image], [tags], preset.cam, autocast)
+        [(class_ids, cams)] = tagged_cams(cam_net, [image], [tags], preset.cam, autocast)
         cam_scores = with_background(cams[None], preset.walk.alpha)[0].cpu().numpy()
         walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()
-    cam_label = scores_to_labels(cam_scores, keys)
-    walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), keys)
+    cam_label = scores_to_labels(cam_scores, class_ids)
+    walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), class_ids)
     labels = [cam_label, walk_label, final] + ([gt] if gt is not None else [])
     panels = [rgb, overlay(rgb, cam_label), overlay(rgb, walk_label), colorize(final)]
     titles = [f"image: {', '.join(tag_names(tags, class_names))}", f"CAM (alpha {preset.walk.alpha:g})",
@@ -63,12 +65,10 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
     """Pictures of the first `num_samples` of rows (a few) that have a label in `<output>/labels/`, and
     `<output>/report/index.md`; returns the URIs written (pictures, then the index).
 
-    rows: `labeling.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri).
+    rows: `readers.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri).
     A sample that cannot be drawn (unreadable image, sizes that differ) is listed in the index
     with the reason instead of failing the report.
     """
-    from psa_ray.pipeline.labeling import metrics_table  # labeling calls this module
-
     folder = join(output, "report")
     labels = join(output, "labels")
     samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]

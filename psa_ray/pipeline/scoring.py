@@ -1,4 +1,5 @@
-"""Score a folder of label PNGs against a folder of ground-truth PNGs (both `<image_id>.png`).
+"""Scoring labels against ground truth: a folder of label PNGs against a folder of ground-truth
+PNGs (both `<image_id>.png`, `score_folders`), and a labeling run's eval/ files (`evaluation`).
 
 Local folders or s3:// prefixes; files are matched by id, and the ids found on one side only are
 reported, not scored. Counting follows `psa_ray.ops.metrics.confusion_matrix`: ground truth 255
@@ -13,8 +14,9 @@ import numpy as np
 
 from psa_ray.errors import UserError
 from psa_ray.io.palette import IGNORE, decode_label_png
-from psa_ray.io.storage import list_files, read_bytes
+from psa_ray.io.storage import join, list_files, read_bytes
 from psa_ray.ops.metrics import confusion_matrix, iou_per_class, mean_iou
+from psa_ray.pipeline.writers import EVAL_VARIANTS, read_table
 
 VALUES = 256          # label PNGs are 8-bit: values 0..255
 CHUNK = 64            # images read at a time (bounds memory on large folders)
@@ -99,11 +101,52 @@ def score_folders(labels: str, gt: str, num_classes: int | None = None) -> dict[
             "gt_without_labels": sorted(gt_files.keys() - label_files.keys())}
 
 
-def iou_table(class_names: list[str], result: dict[str, Any]) -> str:
-    """The per-class IoU (percent) and mIoU of a `score_folders` result as aligned text."""
+def iou_table(class_names: list[str], columns: dict[str, dict[str, Any]]) -> str:
+    """Per-class IoU (percent) and mIoU as aligned text, one column per entry of `columns`
+    ({title: {"iou": [K floats or None], "miou": float}}: `score_folders` results or the
+    variants of a metrics.json); class_names: the K names, background first."""
     width = max(len(n) for n in [*class_names, "mIoU"]) + 2
-    lines = [f"{'class':<{width}}{'IoU':>7}"]
-    for name, value in zip(class_names, result["iou"]):
-        lines.append(f"{name:<{width}}" + ("    n/a" if value is None else f"{100 * value:7.1f}"))
-    lines.append(f"{'mIoU':<{width}}{100 * result['miou']:7.1f}")
+    cell = max(9, *(len(t) + 2 for t in columns))
+    lines = [f"{'class':<{width}}" + "".join(f"{t:>{cell}}" for t in columns)]
+    for i, name in enumerate(class_names):
+        values = [c["iou"][i] for c in columns.values()]
+        lines.append(f"{name:<{width}}" + "".join(f"{'n/a':>{cell}}" if v is None else f"{100 * v:{cell}.1f}"
+                                                  for v in values))
+    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * c['miou']:{cell}.1f}" for c in columns.values()))
     return "\n".join(lines)
+
+
+def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
+    """metrics.json content from a labeling run's eval/: the confusion matrices summed over the
+    eval files whose shard is committed (an eval file without its shard belongs to an
+    interrupted write); None when no image was scored."""
+    shards = {u.rsplit("/", 1)[-1] for u in list_files(join(output, "shards"), suffix=".parquet")}
+    k = len(class_names) + 1
+    sums: dict[str, np.ndarray | None] = {v: np.zeros((k, k), np.int64) for v in EVAL_VARIANTS}
+    images = 0
+    for uri in list_files(join(output, "eval"), suffix=".parquet"):
+        if uri.rsplit("/", 1)[-1] not in shards:
+            continue
+        row = read_table(uri).to_pylist()[0]
+        images += row["images"]
+        for v in EVAL_VARIANTS:
+            matrix = sums[v]
+            if row.get(f"cm_{v}") is None:
+                sums[v] = None  # written before the variant existed: not scored
+            elif matrix is not None:
+                matrix += np.asarray(row[f"cm_{v}"], np.int64).reshape(k, k)
+    if not images:
+        return None
+    metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": images}
+    for variant, matrix in sums.items():
+        if matrix is None:
+            continue  # eval files of an older run lack a newer variant (e.g. "psa")
+        iou = iou_per_class(matrix)
+        metrics[variant] = {"miou": float(np.nanmean(iou)),
+                            "iou": [None if np.isnan(v) else float(v) for v in iou]}
+    return metrics
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """The per-class IoU table of a metrics.json (`evaluation`), one column per variant."""
+    return iou_table(metrics["class_names"], {v: metrics[v] for v in EVAL_VARIANTS if v in metrics})

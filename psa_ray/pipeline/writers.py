@@ -1,4 +1,4 @@
-"""Idempotent writers for the output location (design.md, "Output location").
+"""Idempotent writers for the output location (README, "What the job guarantees").
 
 A map step writes each labeled row's `labels/<image_id>.png` as its block is done; the sink then
 commits thousands of rows at a time: the evaluation sums, the error rows, and last the
@@ -19,6 +19,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from psa_ray.io.manifest import ERROR_SCHEMA
+from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import filesystem, join, list_files, read_bytes, with_retries, write_bytes
 
 # psa: the CAMs with psa's constant background 0.2 (its README's CAM mIoU); cam: with (1-max)^alpha
@@ -59,20 +60,32 @@ def table_rows(prefix: str, name_prefix: str = "") -> int:
     return total
 
 
-def done_ids(output_uri: str) -> set[str]:
-    """Ids already committed to shards/ or errors/ by earlier runs (small outputs: prediction).
+def committed_ids(output_uri: str) -> tuple[set[str], set[str]]:
+    """(labeled, failed): the ids committed to shards/ and to errors/ by earlier runs (small
+    outputs: prediction).
 
     Manifest errors are left out: they are rewritten by every run, and a rejected duplicate
     shares its id with the row that was kept and still has to be labeled.
     """
-    ids: set[str] = set()
     shards = read_tables(join(output_uri, "shards"), columns=["image_id"])
-    if shards is not None:
-        ids.update(shards.column("image_id").to_pylist())
     errors = read_tables(join(output_uri, "errors"), columns=["image_id", "stage"])
-    if errors is not None:
-        ids.update(r["image_id"] for r in errors.to_pylist() if r["stage"] != "manifest")
-    return ids
+    labeled = set() if shards is None else set(shards.column("image_id").to_pylist())
+    failed = set() if errors is None else {r["image_id"] for r in errors.to_pylist() if r["stage"] != "manifest"}
+    return labeled, failed
+
+
+def shard_columns(label: np.ndarray, mean_confidence: float, num_classes: int) -> dict[str, Any]:
+    """An image's shard columns from its final label [H,W] (values 0..num_classes-1, background
+    counted) and the mean of its per-pixel confidence."""
+    counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
+    return {"label_png": encode_label_png(label), "height": label.shape[0], "width": label.shape[1],
+            "class_fractions": (counts / label.size).astype(np.float32), "mean_confidence": mean_confidence}
+
+
+def shard_defaults(num_classes: int) -> dict[str, Any]:
+    """The shard columns of a row that has no label (an error row)."""
+    return {"label_png": b"", "height": 0, "width": 0, "class_fractions": np.zeros(num_classes, np.float32),
+            "mean_confidence": 0.0}
 
 
 def error_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -147,7 +160,7 @@ class LabelSink(Datasink):
 
 
 def shard_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
-    """The shard schema of design.md: one row per labeled image."""
+    """The shard schema (README, "Output layout"): one row per labeled image."""
     return pa.table({
         "image_id": [r["image_id"] for r in rows],
         "image": [str(r["image"]) for r in rows],

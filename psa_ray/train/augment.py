@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 from psa_ray.config import TrainConfig
 from psa_ray.io.palette import IGNORE
-from psa_ray.models.inference import IMAGENET_MEAN, IMAGENET_STD
+from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from psa_ray.ops.affinity import cell_seed_labels
 
 

@@ -6,7 +6,6 @@ on new layers, bf16 autocast on GPU, and a checkpoint every epoch that a restart
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -20,13 +19,14 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from psa_ray.config import TrainConfig, to_dict
-from psa_ray.io.storage import join, write_bytes
-from psa_ray.models.inference import META_FILE
+from psa_ray.config import TrainConfig
+from psa_ray.io.storage import join
+from psa_ray.models.inference import MODEL_FILE, export_network, network_meta
+from psa_ray.models.networks import build_network
 from psa_ray.models.weights import load_weights
-from psa_ray.train.tasks import freezes_pretrained, get_task
+from psa_ray.train.tasks import Init, freezes_pretrained, get_task
 
-MODEL_FILE, STATE_FILE = "model.pt", "train_state.pt"
+STATE_FILE = "train_state.pt"
 
 
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
@@ -43,14 +43,12 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.S
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _init_weights(model: torch.nn.Module, config: TrainConfig, init: dict[str, Any] | None) -> None:
-    """Initial weights: pretrained backbone weights, then `init` (a whole model, or only its
-    backbone, e.g. AffinityNet from the trained CAM network)."""
+def _init_weights(model: torch.nn.Module, config: TrainConfig, init: Init | None) -> None:
+    """Initial weights: pretrained backbone weights, then `init`."""
     if config.backbone_weights:
         load_weights(model.backbone, config.backbone_weights, strict=False)
     if init:
-        target = model.backbone if init.get("backbone_only") else model
-        load_weights(target, init["uri"], strict=not init.get("backbone_only"))
+        load_weights(model.backbone if init.backbone_only else model, init.uri, strict=not init.backbone_only)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -62,7 +60,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     device = get_device()
 
-    model = task.build(config.backbone, loop_config["num_classes"], config.segmentation_head)
+    model = build_network(task.kind, config.backbone, loop_config["num_classes"], config.segmentation_head)
     if freezes_pretrained(config, loop_config.get("init")):
         model.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
     optimizer = make_optimizer(model, config)
@@ -118,18 +116,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = epoch + 1 == config.epochs
         if rank == 0 and (last or (epoch + 1) % config.checkpoint_every_epochs == 0):
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(core.state_dict(), os.path.join(folder, MODEL_FILE))
+                export_network(core.state_dict(), loop_config["meta"], folder)
                 torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
                             "first_loss": first_loss}, os.path.join(folder, STATE_FILE))
-                with open(os.path.join(folder, META_FILE), "w") as f:
-                    json.dump(loop_config["meta"], f)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
 
 
 def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: int,
-        class_names: list[str], output_uri: str, init: dict[str, Any] | None = None,
+        class_names: list[str], output_uri: str, init: Init | None = None,
         radius: int = 5, cpus_per_worker: float = 1.0, max_failures: int = 2) -> tuple[str, dict]:
     """Train one network with Ray Train; returns (URI of the exported weights, last metrics).
 
@@ -139,8 +135,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
     to `<output>/checkpoints/<kind>/model.pt` with `meta.json` beside them.
     """
     storage = join(output_uri, "checkpoints")
-    meta = {"kind": kind, "backbone": config.backbone, "num_classes": len(class_names),
-            "class_names": list(class_names), "radius": radius, "train": to_dict(config)}
+    meta = network_meta(kind, config, class_names, radius)
     per_step = max(1, config.batch_size // max(1, config.num_workers)) * max(1, config.num_workers)
     loop_config = {"kind": kind, "train": config, "num_classes": len(class_names), "init": init,
                    "radius": radius, "meta": meta, "steps_per_epoch": math.ceil(num_rows / per_step)}
@@ -158,13 +153,9 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
         datasets={"train": dataset},
     )
     result = trainer.fit()
-    weights_uri = join(storage, kind, MODEL_FILE)
     with result.checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, MODEL_FILE), "rb") as f:
-            write_bytes(weights_uri, f.read())
-        with open(os.path.join(folder, META_FILE), "rb") as f:
-            write_bytes(join(storage, kind, META_FILE), f.read())
-    return weights_uri, dict(result.metrics or {})
+        state = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)
+    return export_network(state, meta, join(storage, kind)), dict(result.metrics or {})
 
 
 def _ray_storage_path(uri: str) -> str:

@@ -1,0 +1,52 @@
+"""The command line of jobs/train_cam.py, train_affinity.py and train_segmentation.py (run those)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from psa_ray.config import PRESETS  # noqa: E402
+from psa_ray.models.backbones import BACKBONES  # noqa: E402
+from psa_ray.models.networks import network_spec  # noqa: E402
+from psa_ray.pipeline.cluster import connect  # noqa: E402
+from psa_ray.pipeline.training import TrainJob, train_network  # noqa: E402
+
+
+def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
+    spec = network_spec(kind)
+    p = argparse.ArgumentParser(description=f"Train {spec.title} with Ray Train.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", help="manifest or VOC folder; omitted: the built-in synthetic corpus")
+    p.add_argument("--output", default="outputs/demo", help="run folder or s3:// prefix; "
+                   f"weights go to <output>/checkpoints/{kind}/model.pt")
+    p.add_argument("--classes", help="classes.txt path/URI or comma-separated names")
+    if spec.mask_folder:
+        p.add_argument("--masks", help=f"folder of <image_id>.png targets (default <output>/{spec.mask_folder})")
+        p.add_argument("--init", help="initial backbone weights, e.g. <output>/checkpoints/cam/model.pt")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="paper: the paper's settings; demo: CPU-sized (default without --input)")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="override the preset's backbone")
+    p.add_argument("--backbone-weights", help="pretrained backbone weights (path or s3:// URI)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL when > 1 worker)")
+    p.add_argument("--val-fraction", type=float, default=0.0 if spec.mask_folder else 0.25,
+                   help="held-out fraction" + ("" if spec.mask_folder else " for classification mAP"))
+    p.add_argument("--synthetic-images", type=int, default=300)
+    p.add_argument("--endpoint-url", help="S3 endpoint override; default: AWS_ENDPOINT_URL")
+    return p.parse_args(argv)
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """Parse, connect to Ray, train, print the report (JSON)."""
+    args = vars(parse_args(kind, argv))
+    connect(args.pop("endpoint_url"))
+    report = train_network(kind, TrainJob(**args))
+    print(json.dumps(report, indent=2, default=lambda v: float(np.asarray(v))))
+    return 0

@@ -1,0 +1,132 @@
+"""The labeling job's stages on Ray: train a network (A, C, E), seeds (B), labels (D).
+
+Each stage reads what the previous one wrote under the output and writes files named by image
+id, so a rerun redoes only what is missing (see `labeling.run`, which strings them together).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ray
+
+from psa_ray.config import Preset
+from psa_ray.io.storage import exists, join
+from psa_ray.models.inference import MODEL_FILE
+from psa_ray.models.networks import network_spec
+from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
+from psa_ray.pipeline.readers import decoded_dataset, drop_failed
+from psa_ray.pipeline.writers import IndexSink, LabelSink, write_row_files
+from psa_ray.train.loop import fit
+from psa_ray.train.tasks import Init
+
+# A commit (one Parquet file per shard_rows rows) is light; asking for other CPUs than the file
+# writes keeps Ray from fusing the two, so label files land block by block, not per shard.
+COMMIT_CPUS = 0.1
+SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet (image_id)
+
+ActorStage = tuple[type, dict[str, Any]]  # an actor class and its constructor's keyword arguments
+
+
+def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    # Surviving a lost node (or an OOM-killed actor) relies on Ray Data's defaults, kept on
+    # purpose: pool actors get max_restarts=-1 and max_task_retries=-1 (a dead actor restarts on
+    # a live node and redoes its batches), tasks such as the writes get max_retries=-1 for system
+    # errors, and lost blocks are rebuilt from lineage. Redoing work is safe because the sinks
+    # name every file by image id. User errors are not retried (the actors turn them into error
+    # rows) and DataContext.max_errored_blocks stays 0, so no block is ever dropped. The defaults
+    # are not restated here: map_batches takes them only through **ray_remote_args, which Ray
+    # 2.60 deprecates (removal in 2.64). tests/test_faults.py kills a worker node in stage D.
+    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+
+
+def actor_stages(ds: ray.data.Dataset, network_stage: ActorStage, cpu_stage: ActorStage, preset: Preset,
+                 has_gpu: bool) -> ray.data.Dataset:
+    """The network stage (CAMs, AffinityNet, walk) then the CPU stage (CRF) on every batch.
+
+    With GPUs: a GPU actor pool then a CPU actor pool, each grown by the autoscaler for its own
+    stage. Without: one pool of `StageChain` actors that run both, as many as the cluster has
+    cores for now (one torch thread each) and up to the CRF pool's maximum.
+    """
+    p = preset.pipeline
+    if has_gpu:
+        ds = ds.map_batches(network_stage[0], fn_constructor_kwargs=network_stage[1], batch_size=p.batch_size,
+                            compute=_pool(p.gpu_pool), num_gpus=p.gpu_actor_gpus, num_cpus=p.gpu_actor_cpus)
+        return ds.map_batches(cpu_stage[0], fn_constructor_kwargs=cpu_stage[1], batch_size=p.batch_size,
+                              compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+    cores = int(ray.cluster_resources().get("CPU", 1) // max(1.0, p.crf_actor_cpus))
+    size = max(1, min(cores, p.crf_pool[1]))
+    return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": [network_stage, cpu_stage]},
+                          batch_size=p.batch_size, compute=_pool((size, max(size, p.crf_pool[1]))),
+                          num_cpus=p.crf_actor_cpus)
+
+
+def is_empty(rows: ray.data.Dataset) -> bool:
+    """Whether a stage has nothing to do (reads only until the first row)."""
+    return rows.limit(1).count() == 0
+
+
+def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage, cpu_stage: ActorStage,
+                 has_gpu: bool, folder: str, column: str) -> ray.data.Dataset:
+    """Decoded rows through both actor stages, then each row's `column` bytes written to
+    `<folder>/<image_id>.png`: the part stages B and D share, before their commit."""
+    p = preset.pipeline
+    ds = decoded_dataset(ds, num_cpus=p.decode_cpus, max_side=p.max_side)
+    ds = actor_stages(ds, network_stage, cpu_stage, preset, has_gpu)
+    return ds.map_batches(write_row_files, num_cpus=p.write_cpus, fn_kwargs={"folder": folder, "column": column})
+
+
+def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: list[str],
+                output: str, init: Init | None, cpus_per_worker: float) -> tuple[str, dict[str, Any]]:
+    """Stages A, C, E: train one network on rows (with `mask_uri` for AffinityNet/DeepLab); reuse
+    exported weights.
+
+    The rows (a few columns each, the training sample) are materialised once; images are read
+    and decoded again every epoch. Returns the weights URI and the last epoch's metrics ({} when
+    reused).
+    """
+    weights = join(output, "checkpoints", kind, MODEL_FILE)
+    if exists(weights):
+        print(f"[{kind}] reusing {weights}")
+        return weights, {}
+    rows = rows.materialize()
+    num_rows = rows.count()
+    if num_rows == 0:
+        raise ValueError(f"no images to train the {kind} network on")
+    dataset = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
+                              max_side=preset.pipeline.max_side).map_batches(drop_failed)
+    columns = ["rgb", "tags"] + (["mask"] if network_spec(kind).mask_folder else [])
+    weights, metrics = fit(kind, dataset.select_columns(columns), preset.train_config(kind), num_rows=num_rows,
+                           class_names=class_names, output_uri=output, init=init,
+                           radius=preset.walk.radius, cpus_per_worker=cpus_per_worker)
+    print(f"[{kind}] trained on {num_rows} images: {json.dumps(metrics, default=str)}")
+    return weights, metrics
+
+
+def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, output: str,
+               has_gpu: bool) -> None:
+    """Stage B: CAMs (GPU pool) -> CRF at two alphas (CPU pool) -> seeds/<id>.png, committed in
+    index/seeds/. rows: those without a committed seed."""
+    if is_empty(rows):
+        return
+    p = preset.pipeline
+    ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                                        mixed_precision=p.mixed_precision)),
+                      (SeedActor, {"cam": preset.cam}), has_gpu, join(output, "seeds"), "png")
+    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})
+
+
+def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,
+                num_classes: int, output: str, run_id: str, has_gpu: bool, evaluate: bool) -> None:
+    """Stage D: CAM -> AffinityNet -> random walk (GPU pool) -> CRF (CPU pool) -> labels/, then
+    shards/ (and eval/, errors/) committed thousands of rows at a time. rows: those not yet
+    committed; evaluate: score rows whose `gt_uri` file exists."""
+    if is_empty(rows):
+        return
+    p = preset.pipeline
+    ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                                        affinity_weights=affinity_weights, walk=preset.walk,
+                                                        keep_cams=evaluate, mixed_precision=p.mixed_precision)),
+                      (RefineActor, dict(walk=preset.walk, num_classes=num_classes, evaluate=evaluate)),
+                      has_gpu, join(output, "labels"), "label_png")
+    ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})

@@ -1,0 +1,73 @@
+"""Training one network on its own (jobs/train_cam.py, train_affinity.py, train_segmentation.py).
+
+The same `stages.train_stage` as the labeling job, on a corpus read into memory (these jobs are
+for trying a network out on a few thousand images; the labeling job streams any size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from psa_ray.config import PRESETS, default_preset
+from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus
+from psa_ray.io.inputs import read_corpus
+from psa_ray.io.storage import absolute, join
+from psa_ray.models.networks import network_spec
+from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, rows_dataset, with_masks
+from psa_ray.pipeline.stages import train_stage
+from psa_ray.train.evaluate import classifier_map
+from psa_ray.train.tasks import Init
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Options of the train_* jobs (see their --help)."""
+
+    output: str = "outputs/demo"
+    input: str | None = None           # manifest or VOC folder; None: the built-in synthetic corpus
+    classes: str | None = None
+    masks: str | None = None           # AffinityNet/DeepLab targets; None: <output>/<mask_folder>
+    init: str | None = None            # initial backbone weights (another network's model.pt)
+    preset: str | None = None          # None: demo on the built-in corpus, paper on an input
+    backbone: str | None = None
+    backbone_weights: str | None = None
+    epochs: int | None = None
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    val_fraction: float = 0.0          # held-out images (the CAM network's classification mAP)
+    synthetic_images: int = 300
+
+
+def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
+    """Train the `kind` network of `job` (connected to Ray); returns its weights URI, image
+    counts, last-epoch metrics and, for the CAM network, the held-out mAP."""
+    job = replace(job, **{k: absolute(getattr(job, k)) for k in (  # workers run elsewhere
+        "output", "input", "masks", "init", "backbone_weights")})
+    spec = network_spec(kind)
+    input_uri = job.input
+    if input_uri is None:
+        input_uri = join(job.output, "corpus", "manifest.parquet")
+        write_corpus(join(job.output, "corpus"), SyntheticConfig(num_images=job.synthetic_images))
+    corpus, _ = read_corpus(input_uri, classes=job.classes)
+    rows = corpus_rows(corpus, None)
+    train_ids, val_ids = map(set, split_ids([r["image_id"] for r in rows], job.val_fraction, seed=0))
+    train_rows = [r for r in rows if r["image_id"] in train_ids]
+    val_rows = [r for r in rows if r["image_id"] in val_ids]
+
+    preset = PRESETS[default_preset(job.preset, demo=job.input is None)]
+    overrides = {k: v for k, v in {"backbone": job.backbone, "backbone_weights": job.backbone_weights,
+                                   "epochs": job.epochs, "num_workers": job.workers}.items() if v}
+    config = replace(preset.train_config(kind), use_gpu=job.use_gpu, **overrides)
+    preset = replace(preset, **{f"{kind}_train": config})
+    init = None
+    if spec.mask_folder:
+        train_rows = with_masks(train_rows, job.masks or join(job.output, spec.mask_folder))
+        init = Init(job.init) if job.init else None
+    weights, metrics = train_stage(kind, rows_dataset(train_rows), preset, list(corpus.class_names), job.output,
+                                   init, job.cpus_per_worker)
+    report: dict[str, Any] = {"weights": weights, "train_images": len(train_rows), "metrics": metrics}
+    if spec.mask_folder is None and val_rows:  # a classifier: its mAP on the held-out tags
+        report["val_images"] = len(val_rows)
+        report["val_map"] = classifier_map(weights, decoded_dataset(rows_dataset(val_rows)).map_batches(drop_failed))
+    return report
