@@ -12,21 +12,18 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from psa_ray.errors import run_job  # noqa: E402
-from psa_ray.io.manifest import resolve_classes  # noqa: E402
-from psa_ray.io.storage import write_bytes  # noqa: E402
-from psa_ray.pipeline.scoring import iou_table, score_folders  # noqa: E402
+from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from psa_ray.errors import run_job
+from psa_ray.io.manifest import resolve_classes
+from psa_ray.io.storage import write_bytes
+from psa_ray.pipeline.scoring import iou_table, score_folders
 
 LISTED = 5  # ids shown when some labels or ground truths have no partner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Score a folder of <image_id>.png label maps against a folder of ground-truth "
-                    "<image_id>.png (local or s3://): per-class IoU and mIoU, ground truth 255 ignored.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("Score a folder of <image_id>.png label maps against a folder of ground-truth "
+               "<image_id>.png (local or s3://): per-class IoU and mIoU, ground truth 255 ignored.")
     p.add_argument("labels", help="folder or s3:// prefix of label PNGs (e.g. <output>/labels)")
     p.add_argument("--gt", required=True, help="folder or s3:// prefix of ground-truth PNGs")
     p.add_argument("--classes", help="class names without background: a classes.txt path/URI or "

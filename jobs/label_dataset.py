@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from psa_ray.config import PRESETS  # noqa: E402
-from psa_ray.errors import run_job  # noqa: E402
-from psa_ray.io.redact import redact  # noqa: E402
-from psa_ray.models.backbones import BACKBONES  # noqa: E402
-from psa_ray.pipeline.cluster import connect  # noqa: E402
-from psa_ray.pipeline.labeling import LabelJob, run  # noqa: E402
-from psa_ray.pipeline.scoring import metrics_table  # noqa: E402
+from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from psa_ray.config import PRESETS
+from psa_ray.errors import run_job
+from psa_ray.io.redact import redact
+from psa_ray.models.backbones import BACKBONES
+from psa_ray.pipeline.cluster import connect
+from psa_ray.pipeline.labeling import LabelJob, run
+from psa_ray.pipeline.scoring import metrics_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Turn a tag-only image corpus into dense pseudo labels (CAM -> AffinityNet -> "
-                    "random walk -> CRF), on a local Ray or a cluster (ray job submit).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("Turn a tag-only image corpus into dense pseudo labels (CAM -> AffinityNet -> "
+               "random walk -> CRF), on a local Ray or a cluster (ray job submit).")
     p.add_argument("--input", help="manifest (.parquet/.jsonl/.csv) or VOC2012 folder, local or s3://; "
                                    "omitted: the built-in synthetic corpus")
     p.add_argument("--output", default="outputs/demo", help="output folder or s3:// prefix")

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from psa_ray.config import PRESETS  # noqa: E402
-from psa_ray.errors import run_job  # noqa: E402
-from psa_ray.pipeline.cluster import connect  # noqa: E402
-from psa_ray.pipeline.predict import PredictJob, run  # noqa: E402
+from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from psa_ray.config import PRESETS
+from psa_ray.errors import run_job
+from psa_ray.pipeline.cluster import connect
+from psa_ray.pipeline.predict import PredictJob, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Label images with a DeepLab trained on pseudo labels (jobs/label_dataset.py "
-                    "--train-segmentation): <output>/labels/<image_id>.png, shards/, errors/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("Label images with a DeepLab trained on pseudo labels (jobs/label_dataset.py "
+               "--train-segmentation): <output>/labels/<image_id>.png, shards/, errors/.")
     p.add_argument("--checkpoint", required=True,
                    help="DeepLab weights with meta.json beside them, e.g. <run>/checkpoints/deeplab/model.pt")
     p.add_argument("--input", required=True,

@@ -1,11 +1,9 @@
 """Train AffinityNet on stage-B seeds with Ray Train (see --help)."""
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from psa_ray.errors import run_job  # noqa: E402
-from train_network import main  # noqa: E402 (jobs/train_network.py)
+import checkout  # noqa: F401 - first: puts the checkout's psa_ray on sys.path
+from psa_ray.errors import run_job
+from train_network import main  # jobs/train_network.py
 
 if __name__ == "__main__":
     sys.exit(run_job(lambda: main("affinity")))

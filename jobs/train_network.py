@@ -3,24 +3,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from psa_ray.config import PRESETS  # noqa: E402
-from psa_ray.models.backbones import BACKBONES  # noqa: E402
-from psa_ray.models.networks import network_spec  # noqa: E402
-from psa_ray.pipeline.cluster import connect  # noqa: E402
-from psa_ray.pipeline.training import TrainJob, train_network  # noqa: E402
+from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from psa_ray.config import PRESETS
+from psa_ray.models.backbones import BACKBONES
+from psa_ray.models.networks import network_spec
+from psa_ray.pipeline.cluster import connect
+from psa_ray.pipeline.training import TrainJob, train_network
 
 
 def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
     spec = network_spec(kind)
-    p = argparse.ArgumentParser(description=f"Train {spec.title} with Ray Train.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(f"Train {spec.title} with Ray Train.")
     p.add_argument("--input", help="manifest or VOC folder; omitted: the built-in synthetic corpus")
     p.add_argument("--output", default="outputs/demo", help="run folder or s3:// prefix; "
                    f"weights go to <output>/checkpoints/{kind}/model.pt")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from psa_ray.config import WalkConfig
+from psa_ray.config import PipelineConfig, WalkConfig
 from psa_ray.data.synthetic import CLASS_NAMES, SyntheticConfig, make_sample, write_corpus
 from psa_ray.io.images import decode_image, decode_scaled, processing_size
 from psa_ray.io.manifest import MAX_ID_BYTES, CorpusRow, ManifestError, write_manifest
@@ -364,23 +364,32 @@ def test_manifest_problems_stop_the_job_before_any_work(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_user_errors_end_the_job_with_one_error_line_and_status_2(ray_cluster, tmp_path):
-    """What the user can fix is one line on stderr, `error: <message>`, exit status 2, no traceback."""
+    """What the user can fix is one line on stderr, `error: <message>`, exit status 2, no traceback,
+    in every job: a missing manifest, unknown classes, missing or unreadable weights."""
     (tmp_path / "unknown.csv").write_bytes(b"image_id,image,tags\na,a.png,owl\n")
     (tmp_path / "good.csv").write_bytes(b"image_id,image,tags\na,a.png,cat\n")
-    cases = {  # arguments: the message's key phrase
-        ("--input", str(tmp_path / "nowhere" / "manifest.parquet")): "manifest",
-        ("--input", str(tmp_path / "unknown.csv"), "--classes", "cat,dog"): "unknown tag(s) 'owl'",
-        ("--input", str(tmp_path / "good.csv"), "--classes", "cat,dog",
-         "--cam-checkpoint", str(tmp_path / "gone" / "model.pt")): "--cam-checkpoint",
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint" * 64)
+    missing, garbage = str(tmp_path / "nowhere" / "manifest.parquet"), str(tmp_path / "garbage.pt")
+    good = ("--input", str(tmp_path / "good.csv"), "--classes", "cat,dog")
+    out = ("--output", str(tmp_path / "out"))
+    cases = {  # (job, arguments): the message's key phrase
+        ("label_dataset", "--input", missing, *out): "manifest",
+        ("label_dataset", "--input", str(tmp_path / "unknown.csv"), "--classes", "cat,dog", *out):
+            "unknown tag(s) 'owl'",
+        ("label_dataset", *good, "--cam-checkpoint", str(tmp_path / "gone" / "model.pt"), *out): "--cam-checkpoint",
+        ("label_dataset", *good, "--backbone-weights", garbage, *out): "not a weights-only PyTorch checkpoint",
+        ("train_cam", "--input", missing, *out): "manifest",
+        ("train_cam", *good, "--backbone-weights", garbage, *out): "--backbone-weights",
+        ("predict", "--checkpoint", garbage, "--input", str(tmp_path), *out): "--checkpoint",
+        ("evaluate", str(tmp_path / "no_labels"), "--gt", str(tmp_path)): "no label PNGs",
     }
-    for args, phrase in cases.items():
-        done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "label_dataset.py"), *args,
-                               "--output", str(tmp_path / "out")], capture_output=True, text=True,
-                              env={**os.environ, "RAY_ADDRESS": ray_cluster}, timeout=300)
-        assert done.returncode == 2, done.stderr[-3000:]
-        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    for (job, *args), phrase in cases.items():
+        done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args], capture_output=True,
+                              text=True, env={**os.environ, "RAY_ADDRESS": ray_cluster}, timeout=300)
+        assert done.returncode == 2, (job, args, done.stderr[-3000:])
+        assert "Traceback" not in done.stderr, (job, args, done.stderr[-3000:])
         last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and phrase in last, done.stderr[-3000:]
+        assert last.startswith("error: ") and phrase in last, (job, args, done.stderr[-3000:])
 
 
 @pytest.mark.slow
@@ -391,8 +400,8 @@ def test_label_job_accounts_for_every_bad_row_and_restores_large_labels(ray_clus
     extra, gt = corpus / "extra", corpus / "gt"
     extra.mkdir()
 
-    source = make_sample(4, config)  # a large but sane image: long side above readers.MAX_SIDE
-    big_size = (readers.MAX_SIDE + 52, 320)  # (width, height)
+    source = make_sample(4, config)  # a large but sane image: long side above PipelineConfig.max_side
+    big_size = (PipelineConfig.max_side + 52, 320)  # (width, height)
     Image.fromarray(source.image).resize(big_size, Image.Resampling.BILINEAR).save(extra / "big.png")
     (gt / "big.png").write_bytes(encode_label_png(np.asarray(
         Image.fromarray(source.mask).resize(big_size, Image.Resampling.NEAREST))))

@@ -23,14 +23,17 @@ from psa_ray.pipeline.writers import read_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 64  # 4 blocks of 16: a kill after the first written block lands mid-stage
+# Node loss: 10 blocks, so that the worker node's actor (which starts seconds after the head's)
+# still finds batches to take; with 4, the head's actor, 2 tasks in flight, sometimes took them all.
+NODE_LOSS_IMAGES = 160
 VALID_LABELS = set(range(len(CLASS_NAMES) + 1)) | {255}
 # The GCS declares a killed node dead after 3 missed 1 s health checks (default: 5 x 3 s).
 FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
-def _corpus(tmp_path, seed: int) -> tuple[str, set[str]]:
-    """A synthetic corpus of NUM_IMAGES images: its manifest and its image ids."""
-    config = SyntheticConfig(num_images=NUM_IMAGES, seed=seed)
+def _corpus(tmp_path, seed: int, num_images: int = NUM_IMAGES) -> tuple[str, set[str]]:
+    """A synthetic corpus of num_images images: its manifest and its image ids."""
+    config = SyntheticConfig(num_images=num_images, seed=seed)
     manifest = write_corpus(str(tmp_path / "corpus"), config)
     return manifest, set(pq.read_table(manifest, columns=["image_id"]).column("image_id").to_pylist())
 
@@ -131,7 +134,7 @@ def test_worker_node_lost_mid_batch_in_stage_d_job_still_labels_every_row_once(
     # still fits on the head alone once the worker is gone.
     head = local_ray_cluster.start(num_cpus=1, system_config=FAST_NODE_DEATH)
     worker = local_ray_cluster.start(num_cpus=1, head=head)
-    manifest, ids = _corpus(tmp_path, seed=12)
+    manifest, ids = _corpus(tmp_path, seed=12, num_images=NODE_LOSS_IMAGES)
     out = str(tmp_path / "out")
     cmd = _job(manifest, out, "--cam-checkpoint", trained_checkpoints["cam"],
                "--affinity-checkpoint", trained_checkpoints["affinity"])
@@ -151,9 +154,9 @@ def test_worker_node_lost_mid_batch_in_stage_d_job_still_labels_every_row_once(
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    assert labeled_at_kill < NUM_IMAGES, "the kill should land during stage D"
+    assert labeled_at_kill < NODE_LOSS_IMAGES, "the kill should land during stage D"
     assert returncode == 0, _tail(log)
     _assert_every_row_once(out, ids)
     with open(os.path.join(out, "run.json")) as f:
         counts = json.load(f)["counts"]
-    assert counts["processed"] == NUM_IMAGES and counts["skipped"] == 0, "one run labeled everything"
+    assert counts["processed"] == NODE_LOSS_IMAGES and counts["skipped"] == 0, "one run labeled everything"

@@ -30,18 +30,18 @@ def quantize_scores(scores: np.ndarray) -> np.ndarray:
     return quantized
 
 
-def encode_seed_scores(low: np.ndarray, high: np.ndarray, keys: np.ndarray) -> bytes:
-    """CRF scores low, high [n+1,H,W] in [0, 1] (background, then the classes `keys` [n]) ->
+def encode_seed_scores(low: np.ndarray, high: np.ndarray, class_ids: np.ndarray) -> bytes:
+    """CRF scores low, high [n+1,H,W] in [0, 1] (background, then the classes `class_ids` [n]) ->
     seed PNG bytes."""
-    low, high, keys = np.asarray(low), np.asarray(high), np.asarray(keys).ravel()
-    if low.ndim != 3 or low.shape != high.shape or low.shape[0] != len(keys) + 1:
-        raise ValueError(f"expected two [n+1,H,W] score arrays of one shape for {len(keys)} classes, "
+    low, high, class_ids = np.asarray(low), np.asarray(high), np.asarray(class_ids).ravel()
+    if low.ndim != 3 or low.shape != high.shape or low.shape[0] != len(class_ids) + 1:
+        raise ValueError(f"expected two [n+1,H,W] score arrays of one shape for {len(class_ids)} classes, "
                          f"got {low.shape} and {high.shape}")
     channels, height, width = low.shape
     stacked = quantize_scores(np.concatenate([low, high])).reshape(2 * channels * height, width)
     info = PngImagePlugin.PngInfo()
     info.add_text(SCORES_KEY, str(channels))
-    info.add_text(CLASSES_KEY, ",".join(str(int(k)) for k in keys))
+    info.add_text(CLASSES_KEY, ",".join(str(int(k)) for k in class_ids))
     out = io.BytesIO()
     Image.fromarray(stacked, mode="L").save(out, format="PNG", pnginfo=info)
     return out.getvalue()

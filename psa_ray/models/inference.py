@@ -22,7 +22,7 @@ from psa_ray.config import TrainConfig, to_dict
 from psa_ray.io.storage import join, read_bytes, write_bytes
 from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from psa_ray.models.networks import build_network
-from psa_ray.models.weights import WeightsError, load_weights
+from psa_ray.models.weights import WeightsError, load_weights, read_state
 
 MODEL_FILE, META_FILE = "model.pt", "meta.json"
 
@@ -63,6 +63,20 @@ def read_meta(weights_uri: str) -> dict[str, Any]:
         raise WeightsError(f"{weights_uri}: no {META_FILE} beside it (psa_ray writes one with every "
                            "trained network; pass the model.pt of a psa_ray training run)") from None
     return meta
+
+
+def check_weights(option: str, uri: str | None, trained: bool = False) -> None:
+    """Weights a job was given, checked on the driver before any work (a WeightsError that names
+    `option`), not in every worker later: the file is a weights-only checkpoint and, for a network
+    psa_ray trained (`trained`), has its meta.json beside it."""
+    if uri is None:
+        return
+    try:
+        read_state(uri)
+        if trained:
+            read_meta(uri)
+    except WeightsError as e:
+        raise WeightsError(f"{option} {e}") from None
 
 
 def load_trained(weights_uri: str, device: torch.device | str = "cpu") -> nn.Module:

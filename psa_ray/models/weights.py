@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from psa_ray.errors import UserError
+from psa_ray.io.storage import read_bytes
 
 KEY_MAPS = (None, "psa_resnet38", "torchvision_resnet50")
 
@@ -65,14 +66,25 @@ def load_weights(model: nn.Module, uri: str, *, strict: bool = True,
     `weights_only=True`. WeightsError for any shape mismatch, for an unreadable or non-tensor
     checkpoint, and (with `strict`) for missing or unexpected keys.
     """
-    data = _read(uri)
+    return load_state(model, read_state(uri), strict=strict, key_map=key_map, source=uri)
+
+
+def read_state(uri: str) -> dict[str, torch.Tensor]:
+    """The state dict in the checkpoint file at `uri` (see `load_weights`); WeightsError if the file
+    is missing, is not a weights-only PyTorch checkpoint or holds no state dict. The jobs call it on
+    the driver for the weights they are given, so that such a file stops the job before any work
+    (at the cost of holding the tensors once, briefly)."""
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        raise WeightsError(f"{uri}: not found") from None
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights checkpoint"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise WeightsError(f"{uri}: not a weights-only PyTorch checkpoint "
                            f"({type(e).__name__}: {first_line[:300]})") from e
-    return load_state(model, _state_dict_of(checkpoint, uri), strict=strict, key_map=key_map, source=uri)
+    return _state_dict_of(checkpoint, uri)
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True,
@@ -117,15 +129,6 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
     model.load_state_dict(values, strict=False)
     report.loaded = list(values)
     return report
-
-
-def _read(uri: str) -> bytes:
-    if "://" not in uri:
-        with open(uri, "rb") as f:
-            return f.read()
-    from psa_ray.io.storage import read_bytes
-
-    return read_bytes(uri)
 
 
 def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:

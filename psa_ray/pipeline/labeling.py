@@ -23,7 +23,7 @@ from psa_ray.data.synthetic import SyntheticConfig, write_corpus
 from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, write_bytes
 from psa_ray.io.redact import redact
-from psa_ray.models.inference import read_meta
+from psa_ray.models.inference import check_weights, read_meta
 from psa_ray.models.weights import WeightsError
 from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.corpus import READ_CPUS, committed_keys, corpus_dataset, prepare_corpus
@@ -106,12 +106,9 @@ def run(job: LabelJob) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:12]
     job = replace(job, **{k: absolute(getattr(job, k)) for k in (
         "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
-    for option, uri in (("--backbone-weights", job.backbone_weights), ("--cam-checkpoint", job.cam_checkpoint),
-                        ("--affinity-checkpoint", job.affinity_checkpoint)):
-        if uri and not exists(uri):
-            raise WeightsError(f"{option} {uri}: not found")
-    if job.affinity_checkpoint:
-        read_meta(job.affinity_checkpoint)  # a WeightsError now, not in a worker later
+    check_weights("--backbone-weights", job.backbone_weights)
+    check_weights("--cam-checkpoint", job.cam_checkpoint, trained=True)
+    check_weights("--affinity-checkpoint", job.affinity_checkpoint, trained=True)
     has_gpu, small = cluster_shape(job.use_gpu)
     preset = resolve_preset(job, use_gpu=has_gpu)
     cpus_per_worker = 0.5 if small else 1.0

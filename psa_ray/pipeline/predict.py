@@ -24,14 +24,14 @@ from psa_ray.io.manifest import RowError
 from psa_ray.io.inputs import read_images
 from psa_ray.io.images import resize_label
 from psa_ray.io.storage import exists, join, write_bytes
-from psa_ray.models.weights import WeightsError
 from psa_ray.ops.forward import segment_probabilities
 from psa_ray.pipeline.actors import per_batch
 from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
 from psa_ray.pipeline.writers import (
     LabelSink, committed_ids, error_table, shard_columns, shard_defaults, write_row_files, write_table)
-from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, read_meta, to_tensor
+from psa_ray.models.inference import (
+    autocast_dtype, check_weights, inference_device, load_trained, read_meta, to_tensor)
 
 class SegmentActor:
     """GPU stage: a trained DeepLab labels each decoded row (argmax at the image size), the whole
@@ -111,9 +111,7 @@ def run(job: PredictJob) -> dict[str, Any]:
     if exists(join(job.output, "run.json")):
         raise UserError(f"{job.output} holds a labeling run (run.json); its labels/ would mix with "
                         "the predictions: pass another --output")
-    if not exists(job.checkpoint):
-        raise WeightsError(f"--checkpoint {job.checkpoint}: not found")
-    read_meta(job.checkpoint)  # a WeightsError now, not in an actor later
+    check_weights("--checkpoint", job.checkpoint, trained=True)
     rows, row_errors = read_images(job.input)
     shape = cluster_shape(job.use_gpu)
     preset = default_preset(job.preset, demo=shape.small)

@@ -12,6 +12,7 @@ from psa_ray.config import PRESETS, default_preset
 from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus
 from psa_ray.io.inputs import read_corpus
 from psa_ray.io.storage import absolute, join
+from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, rows_dataset, with_masks
 from psa_ray.pipeline.stages import train_stage
@@ -45,6 +46,8 @@ def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     job = replace(job, **{k: absolute(getattr(job, k)) for k in (  # workers run elsewhere
         "output", "input", "masks", "init", "backbone_weights")})
     spec = network_spec(kind)
+    check_weights("--backbone-weights", job.backbone_weights)
+    check_weights("--init", job.init)
     input_uri = job.input
     if input_uri is None:
         input_uri = join(job.output, "corpus", "manifest.parquet")
