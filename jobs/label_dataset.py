@@ -18,6 +18,7 @@ from psa_ray.io.redact import redact
 from psa_ray.models.backbones import BACKBONES
 from psa_ray.pipeline.cluster import connect
 from psa_ray.pipeline.labeling import LabelJob, run
+from psa_ray.pipeline.quality import statistics_table
 from psa_ray.pipeline.scoring import metrics_table
 
 
@@ -53,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "GPUs at start; pass --use-gpu on autoscaling clusters whose GPU group "
                         "starts at 0)")
     p.add_argument("--endpoint-url", help="S3 endpoint override (e.g. MinIO); default: AWS_ENDPOINT_URL")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the built-in corpus and every network's training (initialisation, "
+                        "dropout, augmentation): the same command gives the same labels")
     return p.parse_args(argv)
 
 
@@ -64,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(LabelJob(**{**args, "scales": tuple(args["scales"]) if args["scales"] else None}))
     print("\n=== psa_ray run", summary["run_id"], "===")
     print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))
+    if summary["label_statistics"]:
+        print(f"\nLabel statistics, {summary['label_statistics']['images']} images (no ground truth needed):")
+        print(statistics_table(summary["label_statistics"]))
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     if summary["metrics_full"]:
         print("\nIoU (%) against ground truth,", summary["metrics_full"]["images"], "images:")
         print(metrics_table(summary["metrics_full"]))

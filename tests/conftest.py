@@ -114,25 +114,33 @@ def save_network():
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoints(ray_cluster, tmp_path_factory) -> dict[str, str]:
-    """{"cam": URI, "affinity": URI}: the weights of one quick job (1 epoch, 1 Ray Train worker)
-    on a synthetic corpus (classes CLASS_NAMES), so that the jobs under test skip training.
+def quick_job(ray_cluster, tmp_path_factory) -> tuple[Any, dict[str, Any]]:
+    """(LabelJob, its summary): one quick job (1 epoch, 1 Ray Train worker) on a synthetic corpus
+    of 20 images (classes CLASS_NAMES; two blocks of rows), whose networks the jobs under test use.
 
     The corpus also has a truncated and a missing image: training drops them and the job labels
     the rest (the one run that trains on bad rows, for tests/test_bad_inputs.py)."""
     from psa_ray.data.synthetic import SyntheticConfig, write_corpus
-    from psa_ray.io.manifest import CorpusRow, write_manifest
     from psa_ray.io.inputs import read_corpus
+    from psa_ray.io.manifest import CorpusRow, write_manifest
     from psa_ray.pipeline.labeling import LabelJob, run
 
     corpus = tmp_path_factory.mktemp("trained") / "corpus"
-    rows = read_corpus(write_corpus(str(corpus), SyntheticConfig(num_images=6, seed=1)))[0].rows
+    rows = read_corpus(write_corpus(str(corpus), SyntheticConfig(num_images=20, seed=1)))[0].rows
     png = (corpus / "images" / "syn_000000.png").read_bytes()
     (corpus / "images" / "truncated.png").write_bytes(png[: len(png) // 3])
     rows += [CorpusRow("truncated", "images/truncated.png", rows[0].tags),
              CorpusRow("missing", "images/missing.png", rows[0].tags)]
     write_manifest(rows, str(corpus / "with_bad_rows.jsonl"))
-    summary = run(LabelJob(output=str(corpus.parent / "out"), input=str(corpus / "with_bad_rows.jsonl"),
-                           preset="demo", epochs=1, train_workers=1))
-    assert summary["counts"]["labeled"] == 6 and summary["counts"]["errors"] == 2
-    return {kind: summary["checkpoints"][kind] for kind in ("cam", "affinity")}
+    job = LabelJob(output=str(corpus.parent / "out"), input=str(corpus / "with_bad_rows.jsonl"),
+                   preset="demo", epochs=1, train_workers=1)
+    summary = run(job)
+    assert summary["counts"]["labeled"] == 20 and summary["counts"]["errors"] == 2
+    return job, summary
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(quick_job) -> dict[str, str]:
+    """{"cam": URI, "affinity": URI}: the networks of `quick_job`, so that the jobs under test skip
+    training."""
+    return {kind: quick_job[1]["checkpoints"][kind] for kind in ("cam", "affinity")}

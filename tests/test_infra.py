@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from typing import Any, Iterator
 
 import jsonschema
@@ -417,6 +418,8 @@ def test_cluster_launcher_config():
 @functools.lru_cache(maxsize=None)
 def _label_job_parser():
     path = os.path.join(REPO, "jobs", "label_dataset.py")
+    if os.path.dirname(path) not in sys.path:  # as `python jobs/label_dataset.py` has it (jobs/checkout.py)
+        sys.path.insert(0, os.path.dirname(path))
     spec = importlib.util.spec_from_file_location("psa_ray_label_dataset_job", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -157,3 +157,19 @@ def test_killed_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     assert metrics["epoch"] == 4
     steps_per_epoch = -(-32 // 16)
     assert metrics["step"] == 4 * steps_per_epoch
+
+
+@pytest.mark.slow
+def test_the_same_command_gives_byte_identical_networks_and_labels(quick_job, tmp_path):
+    """The quick job of conftest run again with the same options (and --seed) on the same
+    machine trains the same networks and writes the same label files, byte for byte."""
+    from psa_ray.pipeline.labeling import run
+
+    job, summary = quick_job
+    again = run(replace(job, output=str(tmp_path / "again")))
+    first, second = ({name: open(os.path.join(o, "labels", name), "rb").read()
+                      for name in os.listdir(os.path.join(o, "labels"))} for o in (job.output, again["output"]))
+    assert len(first) == summary["counts"]["labeled"] and first == second
+    for kind in ("cam", "affinity"):
+        a, b = (torch.load(s["checkpoints"][kind], weights_only=True) for s in (summary, again))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind

@@ -27,6 +27,7 @@ from psa_ray.models.inference import check_weights, read_meta
 from psa_ray.models.weights import WeightsError
 from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.corpus import READ_CPUS, committed_keys, corpus_dataset, prepare_corpus
+from psa_ray.pipeline.quality import label_statistics, quality_warnings
 from psa_ray.pipeline.readers import corpus_rows, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
@@ -57,13 +58,13 @@ class LabelJob:
     crop_size: int | None = None       # override every network's training crop (quick trials, tests)
     scales: tuple[float, ...] | None = None  # override the CAM scales (quick trials, tests)
     use_gpu: bool | None = None        # None: use GPUs if the cluster has them now
-    seed: int = 0
+    seed: int = 0                      # the synthetic corpus's and every network's training seed
 
 
 def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
     """The preset with the job's overrides (backbone, weights, workers, GPU) applied."""
     preset = PRESETS[default_preset(job.preset, demo=job.input is None)]
-    overrides: dict[str, Any] = {"use_gpu": use_gpu}
+    overrides: dict[str, Any] = {"use_gpu": use_gpu, "seed": job.seed}
     if job.backbone:
         overrides["backbone"] = job.backbone
     if job.train_workers:
@@ -161,6 +162,8 @@ def run(job: LabelJob) -> dict[str, Any]:
                                               fn_kwargs={"folder": join(job.output, "labels")}),
                           preset, names, job.output, Init(cam_w), cpus_per_worker)[0]
 
+    statistics = label_statistics(job.output, names)
+    warnings = quality_warnings(statistics)
     labeled_count = table_rows(join(job.output, "shards"))
     errors = table_rows(join(job.output, "errors"))
     summary = {
@@ -173,11 +176,13 @@ def run(job: LabelJob) -> dict[str, Any]:
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
         "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS if v in metrics} if metrics else None,
+        "label_statistics": statistics, "warnings": warnings,
     }
     write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record
     samples = report_samples(job.output, names, gt, 8)
-    summary["report"] = write_report(job.output, samples, preset, cam_w, affinity_w, names, metrics)[-1]
+    summary["report"] = write_report(job.output, samples, preset, cam_w, affinity_w, names, metrics,
+                                     statistics, warnings)[-1]
     return {**summary, "metrics_full": metrics}
 
 

@@ -8,7 +8,7 @@ the final label is the one the pipeline wrote to `<output>/labels/`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from psa_ray.ops.cam import with_background
 from psa_ray.ops.pseudo_labels import scores_to_labels, tagged_cams, upsample_scores, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
 from psa_ray.pipeline.actors import ground_truth
+from psa_ray.pipeline.quality import statistics_table
 from psa_ray.pipeline.scoring import metrics_table
 from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
 
@@ -61,11 +62,13 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
 
 def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_weights: str,
                  affinity_weights: str, class_names: list[str], metrics: dict[str, Any] | None,
+                 statistics: dict[str, Any] | None = None, warnings: Sequence[str] = (),
                  num_samples: int = 8) -> list[str]:
     """Pictures of the first `num_samples` of rows (a few) that have a label in `<output>/labels/`, and
     `<output>/report/index.md`; returns the URIs written (pictures, then the index).
 
-    rows: `readers.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri).
+    rows: `readers.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri);
+    statistics, warnings: `quality.label_statistics` and `quality.quality_warnings` of the run.
     A sample that cannot be drawn (unreadable image, sizes that differ) is listed in the index
     with the reason instead of failing the report.
     """
@@ -100,6 +103,11 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
     index = ["# psa_ray label report", "",
              f"Preset `{preset.name}`, CAM weights `{cam_weights}`,",
              f"AffinityNet weights `{affinity_weights}`.", ""]
+    if warnings:
+        index += ["## Warnings", "", *(f"- {w}" for w in warnings), ""]
+    if statistics:
+        index += [f"## Label statistics (no ground truth needed), {statistics['images']} images", "",
+                  "```text", statistics_table(statistics), "```", ""]
     if metrics:
         index += [f"## IoU (%) against ground truth, {metrics.get('images', '?')} images", "",
                   "```text", metrics_table(metrics), "```", ""]

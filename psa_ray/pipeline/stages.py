@@ -89,6 +89,7 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
     if exists(weights):
         print(f"[{kind}] reusing {weights}")
         return weights, {}
+    rows.context.execution_options.preserve_order = True  # the sample in the same order every run
     rows = rows.materialize()
     num_rows = rows.count()
     if num_rows == 0:

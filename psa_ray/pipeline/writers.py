@@ -160,7 +160,7 @@ class LabelSink(Datasink):
 
 
 def shard_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
-    """The shard schema (README, "Output layout"): one row per labeled image."""
+    """The shard schema (README, "Labeling your corpus", Output): one row per labeled image."""
     return pa.table({
         "image_id": [r["image_id"] for r in rows],
         "image": [str(r["image"]) for r in rows],

@@ -8,7 +8,6 @@ into AffinityNet's labels on the stride-8 grid after the crop (`ops.affinity.cel
 """
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 import numpy as np
@@ -37,7 +36,7 @@ class RandomLongSideResize(v2.Transform):
 
     def make_params(self, flat_inputs: list) -> dict:
         h, w = v2.query_size(flat_inputs)
-        long_side = random.randint(self.low, self.high)
+        long_side = int(torch.randint(self.low, self.high + 1, ()))  # torch's RNG: seeded per worker
         scale = long_side / max(h, w)
         return {"size": [max(1, round(h * scale)), max(1, round(w * scale))]}
 

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from psa_ray.config import TrainConfig
@@ -151,11 +151,21 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=_in_order()),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)
     return export_network(state, meta, join(storage, kind)), dict(result.metrics or {})
+
+
+def _in_order() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options with the rows in the dataset's order: with the workers seeded,
+    the same run on one worker trains the same network (several workers share the rows in the
+    order they ask for them, which varies)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _ray_storage_path(uri: str) -> str:

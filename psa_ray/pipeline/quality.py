@@ -1,0 +1,100 @@
+"""Label quality without ground truth: statistics of a run's committed labels, and warnings.
+
+Read from `shards/` one file at a time (tags, class_fractions, mean_confidence), so the memory
+does not grow with the corpus. A class "vanishes" from an image when the image is tagged with it
+but its final label has no pixel of it: the CAM network did not find it, or the walk washed it
+out. A class that vanishes from many of its images was learned poorly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from psa_ray.io.storage import join, list_files
+from psa_ray.pipeline.writers import read_table
+
+CONFIDENCE_BINS = 20          # histogram of per-image mean confidence over [0, 1]
+# A class is flagged when it vanishes from more than this share of the images tagged with it
+# (at least MIN_TAGGED of them). bench/README.md, "Label statistics", has the measurements.
+VANISHED_WARNING = 0.2
+MIN_TAGGED = 10
+
+
+def label_statistics(output: str, class_names: list[str]) -> dict[str, Any] | None:
+    """Per-class and per-image statistics of the labels committed under `output` (None: none yet).
+
+    classes[name]: tagged_images, area_share (mean share of a tagged image's pixels that are the
+    class), vanished (share of its tagged images whose label has none of it) and
+    untagged_with_pixels (images not tagged with it whose label has some: 0 by construction, the
+    labels only hold tagged classes). confidence: per-image mean confidence, as a histogram over
+    [0, 1] and its quantiles.
+    """
+    k = len(class_names)
+    tagged, vanished, share, untagged_pixels = (np.zeros(k, np.int64), np.zeros(k, np.int64),
+                                                np.zeros(k), np.zeros(k, np.int64))
+    background, histogram, images = 0.0, np.zeros(CONFIDENCE_BINS, np.int64), 0
+    index = {name: i for i, name in enumerate(class_names)}
+    for uri in list_files(join(output, "shards"), suffix=".parquet"):
+        table = read_table(uri, columns=["tags", "class_fractions", "mean_confidence"])
+        if table.num_rows == 0:
+            continue
+        fractions = np.asarray(table.column("class_fractions").combine_chunks().flatten(), np.float64)
+        fractions = fractions.reshape(table.num_rows, k + 1)
+        is_tagged = np.zeros((table.num_rows, k), bool)
+        for row, tags in enumerate(table.column("tags").to_pylist()):
+            is_tagged[row, [index[t] for t in tags if t in index]] = True
+        present = fractions[:, 1:] > 0
+        tagged += is_tagged.sum(axis=0)
+        vanished += (is_tagged & ~present).sum(axis=0)
+        untagged_pixels += (~is_tagged & present).sum(axis=0)
+        share += np.where(is_tagged, fractions[:, 1:], 0.0).sum(axis=0)
+        background += float(fractions[:, 0].sum())
+        confidence = np.asarray(table.column("mean_confidence"), np.float64)
+        histogram += np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0]
+        images += table.num_rows
+    if not images:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        area, gone = share / tagged, vanished / tagged
+    classes = {name: {"tagged_images": int(tagged[i]),
+                      "area_share": None if not tagged[i] else round(float(area[i]), 4),
+                      "vanished": None if not tagged[i] else round(float(gone[i]), 4),
+                      "untagged_with_pixels": int(untagged_pixels[i])}
+               for i, name in enumerate(class_names)}
+    return {"images": images, "background_share": round(background / images, 4), "classes": classes,
+            "confidence": {"histogram": histogram.tolist(), "bins": CONFIDENCE_BINS,
+                           "quantiles": _quantiles(histogram)}}
+
+
+def _quantiles(histogram: np.ndarray) -> dict[str, float]:
+    """p10/p50/p90 of a histogram over [0, 1] (each at its bin's upper edge)."""
+    cumulative = np.cumsum(histogram) / max(1, histogram.sum())
+    edges = np.linspace(0.0, 1.0, len(histogram) + 1)[1:]
+    return {f"p{q}": round(float(edges[np.searchsorted(cumulative, q / 100)]), 3) for q in (10, 50, 90)}
+
+
+def quality_warnings(statistics: dict[str, Any] | None) -> list[str]:
+    """One line per class that looks learned poorly (see VANISHED_WARNING), naming it."""
+    if not statistics:
+        return []
+    return [f"class {name!r} has no pixels in the labels of {100 * c['vanished']:.0f}% of the "
+            f"{c['tagged_images']} images tagged with it: its network likely learned it poorly "
+            "(check report/ and consider more epochs or images of it)"
+            for name, c in statistics["classes"].items()
+            if c["tagged_images"] >= MIN_TAGGED and c["vanished"] > VANISHED_WARNING]
+
+
+def statistics_table(statistics: dict[str, Any]) -> str:
+    """The per-class statistics as aligned text (percent)."""
+    names = list(statistics["classes"])
+    width = max(len(n) for n in [*names, "class"]) + 2
+    lines = [f"{'class':<{width}}{'images':>8}{'area %':>9}{'vanished %':>12}"]
+    for name in names:
+        c = statistics["classes"][name]
+        area = "n/a" if c["area_share"] is None else f"{100 * c['area_share']:.1f}"
+        gone = "n/a" if c["vanished"] is None else f"{100 * c['vanished']:.1f}"
+        lines.append(f"{name:<{width}}{c['tagged_images']:>8}{area:>9}{gone:>12}")
+    q = statistics["confidence"]["quantiles"]
+    lines.append(f"per-image mean confidence: p10 {q['p10']:.2f}, median {q['p50']:.2f}, p90 {q['p90']:.2f}")
+    return "\n".join(lines)
