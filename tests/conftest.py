@@ -116,7 +116,8 @@ def save_network():
 @pytest.fixture(scope="session")
 def quick_job(ray_cluster, tmp_path_factory) -> tuple[Any, dict[str, Any]]:
     """(LabelJob, its summary): one quick job (1 epoch, 1 Ray Train worker) on a synthetic corpus
-    of 20 images (classes CLASS_NAMES; two blocks of rows), whose networks the jobs under test use.
+    of 40 images with ground truth (classes CLASS_NAMES; three blocks of rows), whose networks the
+    jobs under test use. One epoch leaves some classes learned poorly (tests/test_quality.py).
 
     The corpus also has a truncated and a missing image: training drops them and the job labels
     the rest (the one run that trains on bad rows, for tests/test_bad_inputs.py)."""
@@ -126,16 +127,16 @@ def quick_job(ray_cluster, tmp_path_factory) -> tuple[Any, dict[str, Any]]:
     from psa_ray.pipeline.labeling import LabelJob, run
 
     corpus = tmp_path_factory.mktemp("trained") / "corpus"
-    rows = read_corpus(write_corpus(str(corpus), SyntheticConfig(num_images=20, seed=1)))[0].rows
+    rows = read_corpus(write_corpus(str(corpus), SyntheticConfig(num_images=40, seed=1)))[0].rows
     png = (corpus / "images" / "syn_000000.png").read_bytes()
     (corpus / "images" / "truncated.png").write_bytes(png[: len(png) // 3])
     rows += [CorpusRow("truncated", "images/truncated.png", rows[0].tags),
              CorpusRow("missing", "images/missing.png", rows[0].tags)]
     write_manifest(rows, str(corpus / "with_bad_rows.jsonl"))
     job = LabelJob(output=str(corpus.parent / "out"), input=str(corpus / "with_bad_rows.jsonl"),
-                   preset="demo", epochs=1, train_workers=1)
+                   gt=str(corpus / "gt"), preset="demo", epochs=1, train_workers=1)
     summary = run(job)
-    assert summary["counts"]["labeled"] == 20 and summary["counts"]["errors"] == 2
+    assert summary["counts"]["labeled"] == 40 and summary["counts"]["errors"] == 2
     return job, summary
 
 
