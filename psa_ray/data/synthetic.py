@@ -1,8 +1,8 @@
 """The built-in synthetic corpus: RGB images, image-level tags and ground-truth masks.
 
 It stands in for real photos on a laptop: a tiny CNN trained for a few epochs on a few hundred of
-these images learns the tags (held-out mAP ~0.95), yet its CAMs are coarse and peak on a part of
-each object, so AffinityNet and the random walk have real work to do.
+these images learns the tags, yet its CAMs are coarse and peak on a part of each object, so
+AffinityNet and the random walk have real work to do (bench/README.md has the measurements).
 
 What an image holds:
 
@@ -19,11 +19,10 @@ What an image holds:
 - **Classes** are named after birds known by their head colour. Classes k and k + 3 (opposite
   head hues) wear the same coat (with `own_coat_probability`, else a random coat), so a body
   only tells which pair an object belongs to and the head is the one decisive part. A
-  classifier's CAM therefore peaks on the head and under-scores the body (mean CAM ~0.8 of the
-  peak on heads, ~0.5 on bodies), while the body is still one coherent region with a clear edge
-  against the grey background, which pixel affinities and the CRF can follow.
-  Lowering `own_coat_probability` makes bodies less informative and CAMs more partial (at 0.7
-  most bodies fall under the confident-background threshold and the walk no longer helps).
+  classifier's CAM therefore peaks on the head and under-scores the body, while the body is still
+  one coherent region with a clear edge against the grey background, which pixel affinities and
+  the CRF can follow. Lowering `own_coat_probability` makes bodies less informative and CAMs more
+  partial.
 - The image is softened by a [1, 2, 1] blur (edges a pixel wide, as in photos), then noise.
 
 Masks: uint8 [H, W], 0 background, k = 1..C the k-th class of `CLASS_NAMES` on the whole
@@ -35,7 +34,7 @@ shows its discriminative part.
 
 Every sample is a function of (seed, index) only: numpy Generators seeded by (seed, index, 0) for
 the image and (seed, index, 1) for the distractors, so that the distractor settings change
-nothing else. Vectorised numpy, ~15 ms per image.
+nothing else. Vectorised numpy.
 """
 from __future__ import annotations
 
