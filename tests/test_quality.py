@@ -17,7 +17,7 @@ def _row(i: int, tags: str, fractions: list[float], confidence: float) -> dict:
             "label_png": b"", "class_fractions": fractions, "mean_confidence": confidence}
 
 
-def test_statistics_count_vanished_classes_and_warn_only_for_often_vanished_ones(tmp_path):
+def test_statistics_count_vanished_classes_and_warn_only_for_often_vanished_ones(ray_cluster, tmp_path):
     rows = ([_row(i, "cat", [0.5, 0.5, 0, 0], 0.925) for i in range(8)]            # cat found
             + [_row(8 + i, "cat|dog", [0.75, 0, 0.25, 0], 0.625) for i in range(4)]  # cat vanished
             + [_row(12 + i, "dog", [0.5, 0, 0.5, 0], 0.825) for i in range(8)]
@@ -45,7 +45,7 @@ def test_statistics_count_vanished_classes_and_warn_only_for_often_vanished_ones
     assert "cat" in statistics_table(stats) and "median 0.83" in statistics_table(stats)
 
 
-def test_no_shards_no_statistics_no_warnings(tmp_path):
+def test_no_shards_no_statistics_no_warnings(ray_cluster, tmp_path):
     assert label_statistics(str(tmp_path), NAMES) is None
     assert quality_warnings(None) == []
 

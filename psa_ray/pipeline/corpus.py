@@ -189,7 +189,7 @@ class TableFilesDatasource(Datasource):
                 for uri in self.files]
 
 
-def _parquet_dataset(prefix: str, columns: list[str] | None = None, *,
+def parquet_dataset(prefix: str, columns: list[str] | None = None, *,
                      name_prefix: str = "") -> ray.data.Dataset | None:
     """The Parquet files under prefix (whose names start with name_prefix) as a Dataset; None if
     there are none. Lists the folder: for tables of thousands of rows a file, not per object."""
@@ -257,7 +257,7 @@ def committed_keys(tables: str, errors: str | None = None) -> Any:
     there are none. Read with Ray Data; the driver holds 16 bytes a committed row."""
     keys = []
     for prefix, columns in ((tables, ["image_id"]), (errors, ["image_id", "stage"])):
-        ds = _parquet_dataset(prefix, columns=columns) if prefix else None
+        ds = parquet_dataset(prefix, columns=columns) if prefix else None
         if ds is None:
             continue
         if "stage" in columns:
@@ -352,7 +352,7 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
     if exists(marker):
         index = CorpusIndex(**json.loads(read_bytes(marker)))
         if train_images and index.sample.get("train_images") != train_images:
-            prefixes = collect_prefixes(_parquet_dataset(rows_uri, ["key"], name_prefix="part-"),
+            prefixes = collect_prefixes(parquet_dataset(rows_uri, ["key"], name_prefix="part-"),
                                         table_rows(rows_uri, name_prefix="part-"))
             index = replace(index, sample=_sample(_unique(prefixes), train_images))
             write_bytes(marker, json.dumps(asdict(index), indent=2).encode())
@@ -369,14 +369,14 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
         checked = ray.data.read_datasource(ManifestDatasource(parts, names, base), override_num_blocks=len(parts),
                                            num_cpus=READ_CPUS)
         checked.write_datasink(CorpusSink(rows_uri))
-    rows = _parquet_dataset(rows_uri, name_prefix="part-")
+    rows = parquet_dataset(rows_uri, name_prefix="part-")
     if rows is None:
         message = _all_rejected(input_uri, rows_uri)
         remove_tree(output if created else rows_uri)
         raise ManifestError(message)
 
     count = table_rows(rows_uri, name_prefix="part-")
-    prefixes = collect_prefixes(_parquet_dataset(rows_uri, ["key"], name_prefix="part-"), count)
+    prefixes = collect_prefixes(parquet_dataset(rows_uri, ["key"], name_prefix="part-"), count)
     dup_errors, losers = _duplicates(rows, prefixes)
     if dup_errors:  # no second copy of a corpus without duplicates
         prefixes = _unique(prefixes)
@@ -463,7 +463,7 @@ def corpus_dataset(index: CorpusIndex, *, sample: bool = False, exclude: Any = N
     if index.duplicates_uri:
         losers = ray.put(read_table(index.duplicates_uri, columns=["row"]).column("row").to_numpy())
     threshold = bytes.fromhex(index.sample["threshold"]) if sample and index.sample.get("threshold") else None
-    rows = _parquet_dataset(index.rows_uri, name_prefix="part-")
+    rows = parquet_dataset(index.rows_uri, name_prefix="part-")
     rows = rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
         losers=losers, threshold=threshold, exclude=exclude, include=include))
     return rows.map_batches(_pipeline_rows, batch_format="pyarrow", num_cpus=READ_CPUS,

@@ -33,6 +33,7 @@ from psa_ray.pipeline.writers import (
 from psa_ray.models.inference import (
     autocast_dtype, check_weights, inference_device, load_trained, read_meta, to_tensor)
 
+
 class SegmentActor:
     """GPU stage: a trained DeepLab labels each decoded row (argmax at the image size), the whole
     batch at once (`per_batch`)."""

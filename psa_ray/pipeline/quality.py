@@ -1,7 +1,7 @@
 """Label quality without ground truth: statistics of a run's committed labels, and warnings.
 
-Read from `shards/` one file at a time (tags, class_fractions, mean_confidence), so the memory
-does not grow with the corpus. A class "vanishes" from an image when the image is tagged with it
+Summed from `shards/` (tags, class_fractions, mean_confidence) in Ray read tasks, so neither the
+driver's memory nor its I/O grows with the corpus. A class "vanishes" from an image when the image is tagged with it
 but its final label has no pixel of it: the CAM network did not find it, or the walk washed it
 out. A class that vanishes from many of its images, or covers much less of its images than the
 other classes cover of theirs, was likely learned poorly.
@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from psa_ray.io.storage import join, list_files
-from psa_ray.pipeline.writers import read_table
+from psa_ray.io.storage import join
+from psa_ray.pipeline.corpus import READ_CPUS, parquet_dataset
 
 CONFIDENCE_BINS = 100         # histogram of per-image mean confidence over [0, 1]
 # A class (tagged in at least MIN_TAGGED images) is flagged when it vanishes from more than
@@ -27,6 +28,27 @@ AREA_WARNING = 0.5
 MIN_TAGGED = 10
 
 
+def _block_sums(batch: pa.Table, *, class_names: list[str]) -> pa.Table:
+    """The sums of a block of shard rows (tags, class_fractions, mean_confidence) as one row: images,
+    per class [C] tagged, vanished, untagged_with_pixels and area share, background share, and
+    the confidence histogram [CONFIDENCE_BINS]."""
+    k, index = len(class_names), {name: i for i, name in enumerate(class_names)}
+    fractions = np.asarray(batch.column("class_fractions").combine_chunks().flatten(), np.float64)
+    fractions = fractions.reshape(batch.num_rows, k + 1)
+    is_tagged = np.zeros((batch.num_rows, k), bool)
+    for row, tags in enumerate(batch.column("tags").to_pylist()):
+        is_tagged[row, [index[t] for t in tags if t in index]] = True
+    present = fractions[:, 1:] > 0
+    confidence = np.asarray(batch.column("mean_confidence"), np.float64)
+    sums = {"images": [batch.num_rows], "tagged": [is_tagged.sum(axis=0).tolist()],
+            "vanished": [(is_tagged & ~present).sum(axis=0).tolist()],
+            "untagged_with_pixels": [(~is_tagged & present).sum(axis=0).tolist()],
+            "share": [np.where(is_tagged, fractions[:, 1:], 0.0).sum(axis=0).tolist()],
+            "background": [float(fractions[:, 0].sum())],
+            "histogram": [np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].tolist()]}
+    return pa.table(sums)
+
+
 def label_statistics(output: str, class_names: list[str]) -> dict[str, Any] | None:
     """Per-class and per-image statistics of the labels committed under `output` (None: none yet).
 
@@ -34,39 +56,31 @@ def label_statistics(output: str, class_names: list[str]) -> dict[str, Any] | No
     class), vanished (share of its tagged images whose label has none of it) and
     untagged_with_pixels (images not tagged with it whose label has some: 0 by construction, the
     labels only hold tagged classes). confidence: per-image mean confidence, as a histogram over
-    [0, 1] and its quantiles.
+    [0, 1] and its quantiles. The shards are read and summed in Ray tasks, a file per task; the
+    driver adds up one row of sums per file.
     """
-    k = len(class_names)
-    tagged, vanished, share, untagged_pixels = (np.zeros(k, np.int64), np.zeros(k, np.int64),
-                                                np.zeros(k), np.zeros(k, np.int64))
-    background, histogram, images = 0.0, np.zeros(CONFIDENCE_BINS, np.int64), 0
-    index = {name: i for i, name in enumerate(class_names)}
-    for uri in list_files(join(output, "shards"), suffix=".parquet"):
-        table = read_table(uri, columns=["tags", "class_fractions", "mean_confidence"])
-        if table.num_rows == 0:
-            continue
-        fractions = np.asarray(table.column("class_fractions").combine_chunks().flatten(), np.float64)
-        fractions = fractions.reshape(table.num_rows, k + 1)
-        is_tagged = np.zeros((table.num_rows, k), bool)
-        for row, tags in enumerate(table.column("tags").to_pylist()):
-            is_tagged[row, [index[t] for t in tags if t in index]] = True
-        present = fractions[:, 1:] > 0
-        tagged += is_tagged.sum(axis=0)
-        vanished += (is_tagged & ~present).sum(axis=0)
-        untagged_pixels += (~is_tagged & present).sum(axis=0)
-        share += np.where(is_tagged, fractions[:, 1:], 0.0).sum(axis=0)
-        background += float(fractions[:, 0].sum())
-        confidence = np.asarray(table.column("mean_confidence"), np.float64)
-        histogram += np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0]
-        images += table.num_rows
+    ds = parquet_dataset(join(output, "shards"), ["tags", "class_fractions", "mean_confidence"])
+    if ds is None:
+        return None
+    total = {name: np.zeros(len(class_names)) for name in ("tagged", "vanished", "untagged_with_pixels", "share")}
+    images, background, histogram = 0, 0.0, np.zeros(CONFIDENCE_BINS, np.int64)
+    sums = ds.map_batches(_block_sums, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                          fn_kwargs={"class_names": class_names})
+    for row in sums.iter_rows():
+        images += row["images"]
+        background += row["background"]
+        histogram += np.asarray(row["histogram"], np.int64)
+        for name, values in total.items():
+            values += np.asarray(row[name], np.float64)
     if not images:
         return None
+    tagged = total["tagged"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        area, gone = share / tagged, vanished / tagged
+        area, gone = total["share"] / tagged, total["vanished"] / tagged
     classes = {name: {"tagged_images": int(tagged[i]),
                       "area_share": None if not tagged[i] else round(float(area[i]), 4),
                       "vanished": None if not tagged[i] else round(float(gone[i]), 4),
-                      "untagged_with_pixels": int(untagged_pixels[i])}
+                      "untagged_with_pixels": int(total["untagged_with_pixels"][i])}
                for i, name in enumerate(class_names)}
     return {"images": images, "background_share": round(background / images, 4), "classes": classes,
             "confidence": {"histogram": histogram.tolist(), "bins": CONFIDENCE_BINS,
