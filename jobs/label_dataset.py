@@ -18,8 +18,7 @@ from psa_ray.io.redact import redact
 from psa_ray.models.backbones import BACKBONES
 from psa_ray.pipeline.cluster import connect
 from psa_ray.pipeline.labeling import LabelJob, run
-from psa_ray.pipeline.quality import statistics_table
-from psa_ray.pipeline.scoring import metrics_table
+from psa_ray.pipeline.report import quality_sections, text_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the CAM network and AffinityNet train on this many images (the same "
                         "sample for both, chosen by a digest of image_id), seeds are computed for "
                         "them only; every image is labeled (PASCAL VOC trains on 10,582)")
+    p.add_argument("--held-out", type=float, default=0.1,
+                   help="share of the training sample the CAM network does not train on; its tag AP "
+                        "per class on them is in run.json (cam_held_out); 0: none")
     p.add_argument("--shard-rows", type=int, help="rows per shards/*.parquet file (default 2048)")
     p.add_argument("--synthetic-images", type=int, default=300, help="size of the synthetic corpus")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per network")
@@ -67,17 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(LabelJob(**{**args, "scales": tuple(args["scales"]) if args["scales"] else None}))
     print("\n=== psa_ray run", summary["run_id"], "===")
     print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))
-    if summary["label_statistics"]:
-        print(f"\nLabel statistics, {summary['label_statistics']['images']} images (no ground truth needed):")
-        print(statistics_table(summary["label_statistics"]))
+    print(text_report(quality_sections({**summary, "warnings": []}, summary["metrics_full"])))
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    if summary["metrics_full"]:
-        print("\nIoU (%) against ground truth,", summary["metrics_full"]["images"], "images:")
-        print(metrics_table(summary["metrics_full"]))
     print(f"\noutputs: {summary['output']}/labels, shards, errors, run.json"
           + (", metrics.json" if summary["metrics_full"] else ""))
-    print(f"pictures: {summary['report']}")
+    print(f"report: {summary['report']} (pictures, the images to check first)")
     return 0
 
 

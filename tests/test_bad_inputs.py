@@ -378,6 +378,7 @@ def test_user_errors_end_the_job_with_one_error_line_and_status_2(ray_cluster, t
             "unknown tag(s) 'owl'",
         ("label_dataset", *good, "--cam-checkpoint", str(tmp_path / "gone" / "model.pt"), *out): "--cam-checkpoint",
         ("label_dataset", *good, "--backbone-weights", garbage, *out): "not a weights-only PyTorch checkpoint",
+        ("label_dataset", *good, "--held-out", "0.7", *out): "--held-out must be in [0, 0.5)",
         ("train_cam", "--input", missing, *out): "manifest",
         ("train_cam", *good, "--backbone-weights", garbage, *out): "--backbone-weights",
         ("predict", "--checkpoint", garbage, "--input", str(tmp_path), *out): "--checkpoint",

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ sys.path.insert(0, REPO)
 
 from bench.pipeline import contention_warnings  # noqa: E402  (bench/ is a folder of scripts)
 from bench.random_walk import dense_walk, walk_inputs  # noqa: E402
+from bench.review_score import ranks, score_run, spearman  # noqa: E402
 
 
 def _run(script: str, *args: str) -> str:
@@ -85,3 +87,22 @@ def test_pipeline_bench_quick(tmp_path) -> None:
         assert ray_run["ray_over_sequential"] > 0 and ray_run["steady_images_per_s"] > 0
         assert any(line.startswith("Operator") and actor in line for line in ray_run["ray_data_stats"])
         assert f"| ray, 2 CPU, {layout} |" in stdout
+
+
+def test_spearman_of_ranks_with_ties() -> None:
+    assert ranks(np.array([3.0, 1.0, 2.0, 1.0])).tolist() == [4.0, 1.5, 3.0, 1.5]
+    assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
+
+
+@pytest.mark.slow
+def test_review_score_bench_scores_a_finished_run(quick_job) -> None:
+    """bench/review_score.py's scoring of conftest's quick job (1 epoch: too poor a run for the
+    score's correlation to mean much, see bench/README.md for the default run): every labeled
+    image scored against its ground truth, a score per image from shards/."""
+    job, summary = quick_job
+    result = score_run(job.output, job.gt)
+    assert result["images"] == summary["counts"]["labeled"] == 40
+    assert result["spearman"] is None or -1.0 <= result["spearman"] <= 1.0
+    assert 0.0 <= result["score_quantiles"]["p10"] <= result["score_quantiles"]["p90"] <= 1.0
+    assert 0.0 < result["miou_all"] < 1.0

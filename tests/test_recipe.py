@@ -306,7 +306,8 @@ def test_seed_scores_round_trip_and_labels_pass_through():
 
 
 def _stage_b_batch(rgb: np.ndarray, cams: np.ndarray) -> dict:
-    return {"image_id": np.array(["a"], object), "rgb": _objects([rgb]), "cams": _objects([cams]),
+    return {"image_id": np.array(["a"], object), "tag_names": np.array(["b"], object),
+            "rgb": _objects([rgb]), "cams": _objects([cams]),
             "class_ids": _objects([np.array([2])]), "stage": np.array([""], object),
             "error": np.array([""], object), "message": np.array([""], object)}
 
@@ -323,14 +324,19 @@ def test_stage_b_writes_crf_scores_for_the_paper_and_labels_for_the_demo(tmp_pat
     rgb[:, 20:] = 200
     cams = np.zeros((1, 32, 40), np.float16)
     cams[0, :, 20:] = 1.0
-    out = SeedActor(PAPER.cam)(_stage_b_batch(rgb, cams))
+    out = SeedActor(PAPER.cam, num_classes=3)(_stage_b_batch(rgb, cams))
     scores = decode_seed(bytes(out["png"][0]))
     low, high = seed_crf_scores(rgb, cams.astype(np.float32), PAPER.cam)
     assert np.array_equal(scores, quantize_scores(np.stack([low, high])))
     assert seed_score_classes(bytes(out["png"][0])) == [2]
     assert (scores[0].argmax(0)[:, 20:] == 1).all() and (scores[1].argmax(0)[:, :20] == 0).all()
-    demo = decode_label_png(bytes(SeedActor(DEMO.cam)(_stage_b_batch(rgb, cams))["png"][0]))
+    demo_out = SeedActor(DEMO.cam, num_classes=3)(_stage_b_batch(rgb, cams))
+    demo = decode_label_png(bytes(demo_out["png"][0]))
     assert demo.shape == (32, 40) and set(np.unique(demo).tolist()) <= {0, 2, 255}
+    # the seed fractions (background, 3 classes, ignore) are the demo seed map's, in both modes
+    expected = [np.mean(demo == v) for v in (0, 1, 2, 3, 255)]
+    for fractions in (out["seed_fractions"][0], demo_out["seed_fractions"][0]):
+        assert np.allclose(fractions, expected, atol=1e-6) and expected[2] > 0.3
     # the training reader hands the scores on at the image size
     image_path, seed_path = tmp_path / "a.png", tmp_path / "seed.png"
     Image.fromarray(rgb).save(image_path)

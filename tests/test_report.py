@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -107,13 +108,19 @@ def test_write_report_draws_labeled_samples_and_an_index(tmp_path, save_network)
                **{v: {"miou": 0.5, "iou": [0.5] * (C + 1)} for v in ("cam", "cam_crf", "rw", "rw_crf")}}
     preset = replace(PRESETS["demo"], cam=CamConfig(scales=(1.0,), flip=False), walk=WalkConfig(t=16))
 
-    written = write_report(output, rows, preset, cam_w, affinity_w, list(CLASS_NAMES), metrics, num_samples=3)
+    summary = {"warnings": ["class 'mallard' covers little"]}
+    review = [{**rows[3], "quality": 0.125}]
+    written = write_report(output, rows, preset, cam_w, affinity_w, list(CLASS_NAMES), summary, metrics,
+                           review, num_samples=3)
 
     drawn = [rows[0], rows[3]]
-    assert written == [join(output, "report", f"{r['image_id']}.png") for r in drawn] + \
-        [join(output, "report", "index.md")]
+    report = join(output, "report")
+    assert written == [join(report, "review.csv"), join(report, f"{rows[3]['image_id']}.png")] + \
+        [join(report, f"{r['image_id']}.png") for r in drawn] + [join(report, "index.md"), join(report, "index.html")]
+    review_csv = read_bytes(join(report, "review.csv")).decode().splitlines()
+    assert review_csv[1].startswith(f"1,{rows[3]['image_id']},0.1250,{rows[3]['tag_names']},")
     for row in drawn:
-        picture = np.asarray(Image.open(written[drawn.index(row)]).convert("RGB"))
+        picture = np.asarray(Image.open(join(report, f"{row['image_id']}.png")).convert("RGB"))
         rgb = np.asarray(Image.open(row["image"]).convert("RGB"))
         gt = decode_label_png(read_bytes(row["gt_uri"]))
         height, width = rgb.shape[:2]
@@ -135,13 +142,51 @@ def test_write_report_draws_labeled_samples_and_an_index(tmp_path, save_network)
             for candidate in allowed:
                 matches |= np.all(panel(i) == candidate, axis=-1)
             assert matches.all()
-    index = read_bytes(written[-1]).decode()
-    assert "mIoU" in index and "rw_crf" in index
-    for row in drawn:
-        assert f"({row['image_id']}.png)" in index
-    assert rows[1]["image_id"] not in index
-    failed = index[index.index("could not be drawn"):]
-    assert rows[2]["image_id"] in failed and "missing.png" in failed
+    for page, picture in ((written[-2], "({}.png)"), (written[-1], "src='{}.png'")):
+        index = read_bytes(page).decode()
+        assert "mIoU" in index and "rw_crf" in index and "mallard" in index
+        for row in drawn:
+            assert picture.format(row["image_id"]) in index
+        assert rows[1]["image_id"] not in index
+        assert "quality 0.12" in index[index.index("Check these first"):index.index("Samples")]
+        failed = index[index.index("could not be drawn"):]
+        assert rows[2]["image_id"] in failed and "missing.png" in failed
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# headless, as root, on a machine with no network: no sandbox, GPU or background connections
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--force-device-scale-factor=1"]
+
+
+@pytest.mark.slow
+def test_the_html_report_shows_its_tables_and_pictures_in_headless_chromium(quick_job, tmp_path):
+    """conftest's quick job wrote report/index.html: Chromium renders its tables (DOM) and its
+    pictures (a screenshot holds the label panels' palette colours, which no text on the page has)."""
+    if CHROMIUM is None:
+        if os.environ.get("PSA_RAY_REQUIRE_CHROMIUM"):
+            pytest.fail("PSA_RAY_REQUIRE_CHROMIUM is set but chromium is not installed")
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    job, summary = quick_job
+    page = "file://" + join(job.output, "report", "index.html")
+
+    def chromium(*args: str) -> str:
+        done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page],
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    dom = chromium("--dump-dom")
+    assert dom.count("<table>") >= 2 and "rw_crf" in dom and "tag AP %" in dom
+    assert "Check these first" in dom and dom.count("<img ") >= 2
+    assert all(w.split("'")[1] in dom for w in summary["warnings"])
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", "--window-size=1400,5000")
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    class_colours = colorize(np.arange(1, C + 1, dtype=np.uint8)[None])[0]
+    painted = (pixels[:, None, :] == class_colours[None]).all(axis=-1).any(axis=-1)
+    assert painted.sum() > 2000, f"only {painted.sum()} pixels of class colours: pictures not shown"
 
 
 # --------------------------------------------------------------------------- scoring, evaluate.py

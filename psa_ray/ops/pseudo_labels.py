@@ -71,10 +71,9 @@ def seed_crf_scores(rgb: np.ndarray, cams: np.ndarray, config: CamConfig) -> tup
     return low, high
 
 
-def seed_label(rgb: np.ndarray, cams: np.ndarray, class_ids: np.ndarray, config: CamConfig) -> np.ndarray:
-    """Stage B: confident seeds [H,W] uint8 (0 bg, class_ids fg, 255 don't care) from cams [n,H,W]:
-    the per-pixel rule of `confident_seeds` on the argmax of `seed_crf_scores`."""
-    low, high = seed_crf_scores(rgb, cams, config)
+def seed_label(low: np.ndarray, high: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """Stage B: confident seeds [H,W] uint8 (0 bg, class_ids fg, 255 don't care) from the
+    `seed_crf_scores` (low, high) [n+1,H,W]: the per-pixel rule of `confident_seeds` on their argmax."""
     return confident_seeds(scores_to_labels(low, class_ids), scores_to_labels(high, class_ids))
 
 

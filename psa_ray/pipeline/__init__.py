@@ -6,14 +6,15 @@ one before wrote, so a rerun does only what is missing:
 | stage | what | function |
 | --- | --- | --- |
 | 0 | validate the manifest into rows/ and errors/; the training sample | `corpus.prepare_corpus` |
-| A | train the CAM network on the tags | `stages.train_stage("cam", ...)` |
+| A | train the CAM network (not on the held-out share); its tag AP | `stages.train_stage`, `labeling.held_out_ap` |
 | B | CAMs -> CRF at two alphas -> seeds/ | `stages.seed_stage` |
 | C | train AffinityNet on the seeds | `stages.train_stage("affinity", ...)` |
-| D | CAMs -> AffinityNet -> random walk -> CRF -> labels/, shards/ | `stages.label_stage` |
+| D | CAMs -> AffinityNet -> random walk -> CRF -> labels/, shards/ (with the quality score) | `stages.label_stage` |
 | E | train DeepLab on the labels (optional) | `stages.train_stage("deeplab", ...)` |
 
 Around them: `readers` (rows -> decoded images), `actors` (the thin adapters over
 `psa_ray.ops.pseudo_labels`, no Ray import), `writers` (idempotent sinks, the shard schema),
 `training` (one network alone), `predict` (a trained DeepLab on new images), `report` and
-`scoring` (pictures and IoU), `cluster` (connecting to Ray).
+`scoring` (pictures and IoU), `tables` and `quality` (statistics, warnings, the review list), `cluster`
+(connecting to Ray).
 """

@@ -21,10 +21,12 @@ from psa_ray.io.redact import redact
 from psa_ray.ops.cam import with_background, with_constant_background
 from psa_ray.ops.metrics import confusion_matrix
 from psa_ray.ops.pseudo_labels import (
-    crf_scores, scores_to_labels, seed_crf_scores, seed_label, tagged_cams, upsample_scores, walk_scores)
+    STRIDE, crf_scores, scores_to_labels, seed_crf_scores, seed_label, tagged_cams, upsample_scores, walk_scores,
+    walk_size)
+from psa_ray.ops.quality import edge_band, label_quality
 from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
 from psa_ray.pipeline.readers import object_column
-from psa_ray.pipeline.writers import EVAL_VARIANTS, shard_columns, shard_defaults
+from psa_ray.pipeline.writers import EVAL_VARIANTS, class_fractions, shard_columns, shard_defaults
 
 
 def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[str, Any]],
@@ -121,19 +123,21 @@ class StageChain:
 
 class SeedActor:
     """CPU stage B: dense CRF at alpha_low / alpha_high -> seed PNG bytes: the CRF scores
-    (`cam.seed_scores`, psa) or the confident seed label map (`io.seeds`)."""
+    (`cam.seed_scores`, psa) or the confident seed label map (`io.seeds`); and the shares of the
+    confident seeds' values (`writers.class_fractions`: background, classes, ignore)."""
 
-    def __init__(self, cam: CamConfig):
-        self.cam = cam
+    def __init__(self, cam: CamConfig, num_classes: int):
+        self.cam, self.num_classes = cam, num_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         def row(i: int) -> dict[str, Any]:
             rgb, cams, class_ids = batch["rgb"][i], batch["cams"][i].astype(np.float32), batch["class_ids"][i]
-            if self.cam.seed_scores:
-                return {"png": encode_seed_scores(*seed_crf_scores(rgb, cams, self.cam), class_ids)}
-            return {"png": encode_label_png(seed_label(rgb, cams, class_ids, self.cam))}
-        out = per_row(batch, "seed", row, {"png": b""})
-        return {k: out[k] for k in ("image_id", "png", "stage", "error", "message")}
+            low, high = seed_crf_scores(rgb, cams, self.cam)
+            seeds = seed_label(low, high, class_ids)
+            png = encode_seed_scores(low, high, class_ids) if self.cam.seed_scores else encode_label_png(seeds)
+            return {"png": png, "seed_fractions": class_fractions(seeds, self.num_classes + 1, ignore=True)}
+        out = per_row(batch, "seed", row, {"png": b"", "seed_fractions": np.zeros(self.num_classes + 2, np.float32)})
+        return {k: out[k] for k in ("image_id", "tag_names", "png", "seed_fractions", "stage", "error", "message")}
 
 
 def ground_truth(uri: str) -> np.ndarray | None:
@@ -145,7 +149,8 @@ def ground_truth(uri: str) -> np.ndarray | None:
 
 
 class RefineActor:
-    """CPU stage D: dense CRF on the walked scores -> pseudo label, shard columns, evaluation."""
+    """CPU stage D: dense CRF on the walked scores -> pseudo label, shard columns (with the
+    per-image quality score, `ops.quality.label_quality`), evaluation."""
 
     def __init__(self, walk: WalkConfig, num_classes: int, evaluate: bool):
         self.walk, self.num_classes, self.evaluate = walk, num_classes, evaluate
@@ -156,8 +161,11 @@ class RefineActor:
         probs = crf_scores(rgb, walked, self.walk.crf)
         # An image shrunk for processing (PipelineConfig.max_side) gets its label at its full size.
         height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
-        label = resize_label(scores_to_labels(probs, class_ids), height, width)
-        out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1)
+        refined = scores_to_labels(probs, class_ids)
+        band = edge_band(rgb.shape[0], walk_size(*rgb.shape[:2], self.walk.min_side)[0], STRIDE)
+        quality = label_quality(refined, scores_to_labels(walked, class_ids), band, class_ids)
+        label = resize_label(refined, height, width)
+        out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1, quality)
         gt = ground_truth(str(batch["gt_uri"][i])) if self.evaluate else None
         if gt is not None:
             if gt.shape != label.shape:

@@ -168,7 +168,7 @@ class CorpusSink(Datasink):
 
 
 def _read_table_file(uri: str, columns: list[str] | None) -> Iterator[pa.Table]:
-    yield read_table(uri, columns)
+    yield read_table(uri, columns, present_only=True)
 
 
 class TableFilesDatasource(Datasource):
@@ -192,7 +192,8 @@ class TableFilesDatasource(Datasource):
 def parquet_dataset(prefix: str, columns: list[str] | None = None, *,
                      name_prefix: str = "") -> ray.data.Dataset | None:
     """The Parquet files under prefix (whose names start with name_prefix) as a Dataset; None if
-    there are none. Lists the folder: for tables of thousands of rows a file, not per object."""
+    there are none. Lists the folder: for tables of thousands of rows a file, not per object.
+    Of `columns`, each file gives those it has (older files may lack newer columns)."""
     files = [f for f in list_files(prefix, suffix=".parquet")
              if posixpath.basename(f).startswith(name_prefix)]
     if not files:
@@ -420,11 +421,25 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     return sorted_keys[at] == keys
 
 
+def held_out_rule(fraction: float) -> str:
+    return (f"the images whose BLAKE2b-128 digest of image_id ends in a byte below "
+            f"{held_out_byte(fraction)} (~{100 * fraction:g}% of the training sample)")
+
+
+def held_out_byte(fraction: float) -> int:
+    """A row is held out when the last byte of its key is below this (independent of the sample,
+    which is decided by the first 8 bytes)."""
+    return round(256 * fraction)
+
+
 def _select(batch: pa.Table, *, losers: Any, threshold: bytes | None, exclude: Any,
-            include: Any) -> pa.Table:
+            include: Any, held_out: float = 0.0, only_held_out: bool = False) -> pa.Table:
     """The rows of a batch (with `key`) that pass the filters of `corpus_dataset` / `select`."""
     keys = _keys(batch)
     keep = np.ones(batch.num_rows, bool)
+    if held_out > 0:
+        is_held_out = np.frombuffer(keys.tobytes(), np.uint8)[15::16] < held_out_byte(held_out)
+        keep &= is_held_out if only_held_out else ~is_held_out
     if losers is not None:
         keep &= ~np.isin(batch.column("row").to_numpy(), ray.get(losers))
     if threshold is not None:
@@ -451,13 +466,14 @@ def _pipeline_rows(batch: pa.Table, *, class_names: list[str], gt: str | None) -
 
 
 def corpus_dataset(index: CorpusIndex, *, sample: bool = False, exclude: Any = None, include: Any = None,
-                   gt: str | None = None) -> ray.data.Dataset:
+                   gt: str | None = None, held_out: float = 0.0, only_held_out: bool = False) -> ray.data.Dataset:
     """The usable rows as pipeline rows: `image_id, image, tag_names` ('|'-joined), `tags`
     ([C] multi-hot), `gt_uri` (`<gt>/<image_id>.png`, '' without gt; a missing file means no
     ground truth) and `key`.
 
     sample: only the training sample. exclude / include: `committed_keys` refs; rows whose id
-    is (not) among them are left out.
+    is (not) among them are left out. held_out > 0: the rows of `held_out_rule(held_out)` are left
+    out, or, with only_held_out, kept alone (the CAM network's held-out tags).
     """
     losers = None
     if index.duplicates_uri:
@@ -465,7 +481,8 @@ def corpus_dataset(index: CorpusIndex, *, sample: bool = False, exclude: Any = N
     threshold = bytes.fromhex(index.sample["threshold"]) if sample and index.sample.get("threshold") else None
     rows = parquet_dataset(index.rows_uri, name_prefix="part-")
     rows = rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
-        losers=losers, threshold=threshold, exclude=exclude, include=include))
+        losers=losers, threshold=threshold, exclude=exclude, include=include, held_out=held_out,
+        only_held_out=only_held_out))
     return rows.map_batches(_pipeline_rows, batch_format="pyarrow", num_cpus=READ_CPUS,
                             fn_kwargs=dict(class_names=index.class_names, gt=gt))
 

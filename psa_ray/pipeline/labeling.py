@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -20,20 +21,25 @@ import torch
 
 from psa_ray.config import PRESETS, Preset, default_preset, to_dict
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus
+from psa_ray.errors import UserError
 from psa_ray.io.manifest import Corpus, CorpusRow
-from psa_ray.io.storage import absolute, exists, join, list_files, write_bytes
+from psa_ray.io.storage import absolute, exists, join, list_files, read_bytes, write_bytes
 from psa_ray.io.redact import redact
 from psa_ray.models.inference import check_weights, read_meta
 from psa_ray.models.weights import WeightsError
 from psa_ray.pipeline.cluster import cluster_shape
-from psa_ray.pipeline.corpus import READ_CPUS, committed_keys, corpus_dataset, prepare_corpus
-from psa_ray.pipeline.quality import label_statistics, quality_warnings
-from psa_ray.pipeline.readers import corpus_rows, with_mask_uri
+from psa_ray.pipeline.corpus import (
+    READ_CPUS, CorpusIndex, committed_keys, corpus_dataset, held_out_rule, prepare_corpus)
+from psa_ray.pipeline.quality import label_statistics, quality_warnings, review_rows, seed_statistics
+from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
-from psa_ray.pipeline.stages import SEED_INDEX, label_stage, seed_stage, train_stage
-from psa_ray.pipeline.writers import EVAL_VARIANTS, read_table, table_rows
+from psa_ray.pipeline.stages import label_stage, seed_stage, train_stage
+from psa_ray.pipeline.writers import EVAL_VARIANTS, SEED_INDEX, read_table, table_rows
+from psa_ray.train.evaluate import classifier_ap
 from psa_ray.train.tasks import Init
+
+REVIEW_ROWS = 200  # report/review.csv: the least trustworthy images, pictures of the first few
 
 
 @dataclass
@@ -51,6 +57,7 @@ class LabelJob:
     affinity_checkpoint: str | None = None
     train_segmentation: bool = False
     train_images: int = 20000          # the networks train on this many images (a sample by id digest)
+    held_out: float = 0.1              # share of the sample the CAM network does not train on (its tag AP)
     shard_rows: int | None = None      # rows per shards/ file (default: the preset's)
     synthetic_images: int = 300
     train_workers: int | None = None
@@ -91,14 +98,21 @@ def check_classes(cam_weights: str, class_names: list[str]) -> None:
                          f"{list(class_names)}; pass the matching --classes or retrain")
 
 
+def report_rows(records: list[dict[str, Any]], class_names: list[str], gt: str | None) -> list[dict[str, Any]]:
+    """Shard records (image_id, image, tag_names, ...) as pipeline rows for the report, their other
+    fields kept."""
+    corpus = Corpus([CorpusRow(r["image_id"], r["image"], r["tag_names"]) for r in records], class_names)
+    return [{**r, **row} for r, row in zip(records, corpus_rows(corpus, gt))]
+
+
 def report_samples(output: str, class_names: list[str], gt: str | None, count: int) -> list[dict[str, Any]]:
     """The first `count` labeled rows of the first shard, as pipeline rows, for the report."""
     shards = list_files(join(output, "shards"), suffix=".parquet")
     if not shards:
         return []
     table = read_table(shards[0], columns=["image_id", "image", "tags"]).slice(0, count)
-    corpus = Corpus([CorpusRow(r["image_id"], r["image"], r["tags"]) for r in table.to_pylist()], class_names)
-    return corpus_rows(corpus, gt)
+    records = [{"image_id": r["image_id"], "image": r["image"], "tag_names": r["tags"]} for r in table.to_pylist()]
+    return report_rows(records, class_names, gt)
 
 
 def run(job: LabelJob) -> dict[str, Any]:
@@ -107,6 +121,8 @@ def run(job: LabelJob) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:12]
     job = replace(job, **{k: absolute(getattr(job, k)) for k in (
         "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
+    if not 0.0 <= job.held_out < 0.5:
+        raise UserError(f"--held-out must be in [0, 0.5), got {job.held_out}")
     check_weights("--backbone-weights", job.backbone_weights)
     check_weights("--cam-checkpoint", job.cam_checkpoint, trained=True)
     check_weights("--affinity-checkpoint", job.affinity_checkpoint, trained=True)
@@ -133,14 +149,17 @@ def run(job: LabelJob) -> dict[str, Any]:
           + (f"; networks train on {index.sample['size']} of them" if index.sample else ""))
 
     cam_w = job.cam_checkpoint or timed(
-        "train_cam", train_stage, "cam", corpus_dataset(index, sample=True), preset, names, job.output,
-        None, cpus_per_worker)[0]
+        "train_cam", train_stage, "cam", corpus_dataset(index, sample=True, held_out=job.held_out), preset,
+        names, job.output, None, cpus_per_worker)[0]
     check_classes(cam_w, names)
+    cam_held_out = None
+    if job.cam_checkpoint is None and job.held_out > 0:
+        cam_held_out = timed("cam_held_out", held_out_ap, index, job.held_out, preset, cam_w, names, has_gpu)
     affinity_w = job.affinity_checkpoint
     if affinity_w is None:
         seeded = committed_keys(join(job.output, SEED_INDEX))
         timed("seeds", seed_stage, corpus_dataset(index, sample=True, exclude=seeded), preset, cam_w,
-              job.output, has_gpu)
+              len(names), job.output, has_gpu)
         rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
         affinity_w = timed("train_affinity", train_stage, "affinity",
                            rows.map_batches(with_mask_uri, num_cpus=READ_CPUS,
@@ -163,7 +182,8 @@ def run(job: LabelJob) -> dict[str, Any]:
                           preset, names, job.output, Init(cam_w), cpus_per_worker)[0]
 
     statistics = label_statistics(job.output, names)
-    warnings = quality_warnings(statistics)
+    seeds = seed_statistics(job.output, names)
+    warnings = quality_warnings(statistics, seeds)
     labeled_count = table_rows(join(job.output, "shards"))
     errors = table_rows(join(job.output, "errors"))
     summary = {
@@ -176,14 +196,35 @@ def run(job: LabelJob) -> dict[str, Any]:
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
         "metrics": {v: metrics[v]["miou"] for v in EVAL_VARIANTS if v in metrics} if metrics else None,
-        "label_statistics": statistics, "warnings": warnings,
+        "cam_held_out": cam_held_out, "seed_statistics": seeds, "label_statistics": statistics,
+        "warnings": warnings,
     }
     write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record
     samples = report_samples(job.output, names, gt, 8)
-    summary["report"] = write_report(job.output, samples, preset, cam_w, affinity_w, names, metrics,
-                                     statistics, warnings)[-1]
+    review = report_rows(review_rows(job.output, REVIEW_ROWS), names, gt)
+    summary["report"] = write_report(job.output, samples, preset, cam_w, affinity_w, names, summary,
+                                     metrics, review)[-1]
     return {**summary, "metrics_full": metrics}
+
+
+def held_out_ap(index: CorpusIndex, fraction: float, preset: Preset, cam_weights: str, class_names: list[str],
+                has_gpu: bool) -> dict[str, Any] | None:
+    """The CAM network's tag AP per class on the training sample's held-out rows (`held_out_rule`),
+    kept beside its weights (`held_out.json`) so that a rerun does not score them again."""
+    saved = join(posixpath.dirname(cam_weights), "held_out.json")
+    if exists(saved):
+        return json.loads(read_bytes(saved))
+    rows = corpus_dataset(index, sample=True, held_out=fraction, only_held_out=True)
+    decoded = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
+                              max_side=preset.pipeline.max_side).map_batches(drop_failed)
+    result = {**classifier_ap(cam_weights, decoded, class_names, num_cpus=preset.pipeline.gpu_actor_cpus,
+                              num_gpus=preset.pipeline.gpu_actor_gpus if has_gpu else 0.0),
+              "rule": held_out_rule(fraction)}
+    if not result["images"]:
+        return None
+    write_bytes(saved, json.dumps(result, indent=2).encode())
+    return result
 
 
 def _versions() -> dict[str, str]:

@@ -1,10 +1,10 @@
 """Label quality without ground truth: statistics of a run's committed labels, and warnings.
 
-Summed from `shards/` (tags, class_fractions, mean_confidence) in Ray read tasks, so neither the
-driver's memory nor its I/O grows with the corpus. A class "vanishes" from an image when the image is tagged with it
-but its final label has no pixel of it: the CAM network did not find it, or the walk washed it
-out. A class that vanishes from many of its images, or covers much less of its images than the
-other classes cover of theirs, was likely learned poorly.
+Summed from `shards/` (labels) and `index/seeds/` (stage B's confident seeds) in Ray read tasks,
+so neither the driver's memory nor its I/O grows with the corpus. A class "vanishes" from an
+image when the image is tagged with it but its final label has no pixel of it: the CAM network
+did not find it, or the walk washed it out. A class that vanishes from many of its images, or
+covers much less of its images than the other classes cover of theirs, was likely learned poorly.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pyarrow as pa
 
 from psa_ray.io.storage import join
 from psa_ray.pipeline.corpus import READ_CPUS, parquet_dataset
+from psa_ray.pipeline.tables import Table, text_table
+from psa_ray.pipeline.writers import SEED_INDEX
 
 CONFIDENCE_BINS = 100         # histogram of per-image mean confidence over [0, 1]
 # A class (tagged in at least MIN_TAGGED images) is flagged when it vanishes from more than
@@ -28,25 +30,66 @@ AREA_WARNING = 0.5
 MIN_TAGGED = 10
 
 
-def _block_sums(batch: pa.Table, *, class_names: list[str]) -> pa.Table:
-    """The sums of a block of shard rows (tags, class_fractions, mean_confidence) as one row: images,
-    per class [C] tagged, vanished, untagged_with_pixels and area share, background share, and
-    the confidence histogram [CONFIDENCE_BINS]."""
+def _block_sums(batch: pa.Table, *, column: str, class_names: list[str]) -> pa.Table:
+    """The sums of a block of rows (tags, `column`: fractions [background, C classes(, ignore)])
+    as one row: images; per class [C] tagged, empty (tagged, no pixel of it), untagged_with_pixels,
+    share, and background and ignore shares of its tagged images; background and ignore shares;
+    with `mean_confidence`, its histogram [CONFIDENCE_BINS]. A block without `column` (a file
+    written before it existed) counts nothing."""
     k, index = len(class_names), {name: i for i, name in enumerate(class_names)}
-    fractions = np.asarray(batch.column("class_fractions").combine_chunks().flatten(), np.float64)
-    fractions = fractions.reshape(batch.num_rows, k + 1)
-    is_tagged = np.zeros((batch.num_rows, k), bool)
-    for row, tags in enumerate(batch.column("tags").to_pylist()):
-        is_tagged[row, [index[t] for t in tags if t in index]] = True
-    present = fractions[:, 1:] > 0
-    confidence = np.asarray(batch.column("mean_confidence"), np.float64)
-    sums = {"images": [batch.num_rows], "tagged": [is_tagged.sum(axis=0).tolist()],
-            "vanished": [(is_tagged & ~present).sum(axis=0).tolist()],
-            "untagged_with_pixels": [(~is_tagged & present).sum(axis=0).tolist()],
-            "share": [np.where(is_tagged, fractions[:, 1:], 0.0).sum(axis=0).tolist()],
-            "background": [float(fractions[:, 0].sum())],
-            "histogram": [np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].tolist()]}
+    n = batch.num_rows if column in batch.column_names else 0
+    fractions = np.zeros((n, k + 2))
+    is_tagged = np.zeros((n, k), bool)
+    if n:
+        values = np.asarray(batch.column(column).combine_chunks().flatten(), np.float64).reshape(n, -1)
+        fractions[:, : values.shape[1]] = values
+        tags = batch.column("tags").to_pylist()
+        for row, names in enumerate(tags):
+            is_tagged[row, [index[t] for t in names if t in index]] = True
+    classes, background, ignore = fractions[:, 1: k + 1], fractions[:, 0], fractions[:, k + 1]
+    present = classes > 0
+    sums = {"images": [n], "tagged": is_tagged.sum(axis=0).tolist(),
+            "empty": (is_tagged & ~present).sum(axis=0).tolist(),
+            "untagged_with_pixels": (~is_tagged & present).sum(axis=0).tolist(),
+            "share": np.where(is_tagged, classes, 0.0).sum(axis=0).tolist(),
+            "tagged_background": (is_tagged * background[:, None]).sum(axis=0).tolist(),
+            "tagged_ignore": (is_tagged * ignore[:, None]).sum(axis=0).tolist(),
+            "background": [float(background.sum())], "ignore": [float(ignore.sum())]}
+    sums = {name: [value] if name not in ("images", "background", "ignore") else value
+            for name, value in sums.items()}
+    if "mean_confidence" in batch.column_names:
+        confidence = np.asarray(batch.column("mean_confidence"), np.float64)[:n]
+        sums["histogram"] = [np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].tolist()]
     return pa.table(sums)
+
+
+def _summed(prefix: str, column: str, class_names: list[str]) -> dict[str, Any] | None:
+    """`_block_sums` of every Parquet file under prefix, summed (None: no file, or no row counted).
+    The files are read and summed in Ray tasks, a file per task; the driver adds up a row per file."""
+    ds = parquet_dataset(prefix, ["tags", column, "mean_confidence"])
+    if ds is None:
+        return None
+    total: dict[str, Any] = {}
+    sums = ds.map_batches(_block_sums, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                          fn_kwargs={"column": column, "class_names": class_names})
+    for row in sums.iter_rows():
+        for name, value in row.items():
+            total[name] = total.get(name, 0) + np.asarray(value, np.float64)
+    return total if total and total["images"] else None
+
+
+def _per_class(total: dict[str, Any], class_names: list[str],
+               fields: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{class: {"tagged_images", field: mean over its tagged images of total[sum name]}}, for
+    fields {field: sum name}; None where a class is tagged in no image."""
+    tagged = total["tagged"]
+    out = {}
+    for i, name in enumerate(class_names):
+        entry: dict[str, Any] = {"tagged_images": int(tagged[i])}
+        for field, key in fields.items():
+            entry[field] = round(float(total[key][i] / tagged[i]), 4) if tagged[i] else None
+        out[name] = entry
+    return out
 
 
 def label_statistics(output: str, class_names: list[str]) -> dict[str, Any] | None:
@@ -56,35 +99,39 @@ def label_statistics(output: str, class_names: list[str]) -> dict[str, Any] | No
     class), vanished (share of its tagged images whose label has none of it) and
     untagged_with_pixels (images not tagged with it whose label has some: 0 by construction, the
     labels only hold tagged classes). confidence: per-image mean confidence, as a histogram over
-    [0, 1] and its quantiles. The shards are read and summed in Ray tasks, a file per task; the
-    driver adds up one row of sums per file.
+    [0, 1] and its quantiles. Summed from shards/ (tags, class_fractions, mean_confidence).
     """
-    ds = parquet_dataset(join(output, "shards"), ["tags", "class_fractions", "mean_confidence"])
-    if ds is None:
+    total = _summed(join(output, "shards"), "class_fractions", class_names)
+    if total is None:
         return None
-    total = {name: np.zeros(len(class_names)) for name in ("tagged", "vanished", "untagged_with_pixels", "share")}
-    images, background, histogram = 0, 0.0, np.zeros(CONFIDENCE_BINS, np.int64)
-    sums = ds.map_batches(_block_sums, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
-                          fn_kwargs={"class_names": class_names})
-    for row in sums.iter_rows():
-        images += row["images"]
-        background += row["background"]
-        histogram += np.asarray(row["histogram"], np.int64)
-        for name, values in total.items():
-            values += np.asarray(row[name], np.float64)
-    if not images:
+    classes = _per_class(total, class_names, {"area_share": "share", "vanished": "empty"})
+    for i, name in enumerate(class_names):
+        classes[name]["untagged_with_pixels"] = int(total["untagged_with_pixels"][i])
+    images = int(total["images"])
+    histogram = total["histogram"].astype(np.int64)
+    return {"images": images, "background_share": round(float(total["background"]) / images, 4),
+            "classes": classes, "confidence": {"histogram": histogram.tolist(), "bins": CONFIDENCE_BINS,
+                                               "quantiles": _quantiles(histogram)}}
+
+
+def seed_statistics(output: str, class_names: list[str]) -> dict[str, Any] | None:
+    """Statistics of the confident seeds of stage B (None: no seeds, e.g. a given AffinityNet).
+
+    Over all seeded images: background_share and ignore_share (pixels confidently background, and
+    left out of AffinityNet's labels). classes[name]: tagged_images, foreground_share (mean share
+    of a tagged image's pixels confidently the class), no_seed (share of its tagged images with no
+    confident pixel of it: the CAM network did not find it confidently there), and the
+    background_share and ignore_share of its images. Summed from index/seeds/ (seed_fractions).
+    """
+    total = _summed(join(output, SEED_INDEX), "seed_fractions", class_names)
+    if total is None:
         return None
-    tagged = total["tagged"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        area, gone = total["share"] / tagged, total["vanished"] / tagged
-    classes = {name: {"tagged_images": int(tagged[i]),
-                      "area_share": None if not tagged[i] else round(float(area[i]), 4),
-                      "vanished": None if not tagged[i] else round(float(gone[i]), 4),
-                      "untagged_with_pixels": int(total["untagged_with_pixels"][i])}
-               for i, name in enumerate(class_names)}
-    return {"images": images, "background_share": round(background / images, 4), "classes": classes,
-            "confidence": {"histogram": histogram.tolist(), "bins": CONFIDENCE_BINS,
-                           "quantiles": _quantiles(histogram)}}
+    images = int(total["images"])
+    return {"images": images, "background_share": round(float(total["background"]) / images, 4),
+            "ignore_share": round(float(total["ignore"]) / images, 4),
+            "classes": _per_class(total, class_names, {
+                "foreground_share": "share", "no_seed": "empty", "background_share": "tagged_background",
+                "ignore_share": "tagged_ignore"})}
 
 
 def _quantiles(histogram: np.ndarray) -> dict[str, float]:
@@ -94,8 +141,10 @@ def _quantiles(histogram: np.ndarray) -> dict[str, float]:
     return {f"p{q}": round(float(edges[np.searchsorted(cumulative, q / 100)]), 3) for q in (10, 50, 90)}
 
 
-def quality_warnings(statistics: dict[str, Any] | None) -> list[str]:
-    """One line per class that looks learned poorly (VANISHED_WARNING, AREA_WARNING), naming it."""
+def quality_warnings(statistics: dict[str, Any] | None, seeds: dict[str, Any] | None = None) -> list[str]:
+    """One line per class that looks learned poorly (VANISHED_WARNING, AREA_WARNING), naming it.
+    With the seed statistics, a class that vanished from images where it had confident seeds is
+    said to be lost by the random walk rather than missed by the CAM network."""
     if not statistics:
         return []
     judged = {n: c for n, c in statistics["classes"].items() if c["tagged_images"] >= MIN_TAGGED}
@@ -105,6 +154,12 @@ def quality_warnings(statistics: dict[str, Any] | None) -> list[str]:
         if c["vanished"] > VANISHED_WARNING:
             why = (f"has no pixels in the labels of {100 * c['vanished']:.0f}% of the {c['tagged_images']} "
                    "images tagged with it")
+            no_seed = seeds["classes"][name]["no_seed"] if seeds and name in seeds["classes"] else None
+            if no_seed is not None and no_seed < c["vanished"] / 2:
+                warnings.append(f"class {name!r} {why}, though only {100 * no_seed:.0f}% of them have no confident "
+                                "seed of it: the random walk lost it there (check report/; see the README, "
+                                "'Known limits')")
+                continue
         elif c["area_share"] < AREA_WARNING * median_area:
             why = (f"covers {100 * c['area_share']:.1f}% of the {c['tagged_images']} images tagged with it, "
                    f"against a median of {100 * median_area:.1f}% for the classes (unless its objects are small)")
@@ -115,16 +170,80 @@ def quality_warnings(statistics: dict[str, Any] | None) -> list[str]:
     return warnings
 
 
-def statistics_table(statistics: dict[str, Any]) -> str:
-    """The per-class statistics as aligned text (percent)."""
-    names = list(statistics["classes"])
-    width = max(len(n) for n in [*names, "class"]) + 2
-    lines = [f"{'class':<{width}}{'images':>8}{'area %':>9}{'vanished %':>12}"]
-    for name in names:
-        c = statistics["classes"][name]
-        area = "n/a" if c["area_share"] is None else f"{100 * c['area_share']:.1f}"
-        gone = "n/a" if c["vanished"] is None else f"{100 * c['vanished']:.1f}"
-        lines.append(f"{name:<{width}}{c['tagged_images']:>8}{area:>9}{gone:>12}")
-    q = statistics["confidence"]["quantiles"]
-    lines.append(f"per-image mean confidence: p10 {q['p10']:.2f}, median {q['p50']:.2f}, p90 {q['p90']:.2f}")
-    return "\n".join(lines)
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def statistics_rows(labels: dict[str, Any], seeds: dict[str, Any] | None = None,
+                    held_out: dict[str, Any] | None = None) -> Table:
+    """One row per class (percent): images tagged with it; with `held_out` (`classifier_ap`), the
+    CAM network's held-out tag AP; with `seeds` (`seed_statistics`), its confident seed share and
+    the share of its images without a seed of it; its label area share and vanished share."""
+    header = ["class", "images"] + (["tag AP %"] if held_out else []) \
+        + (["seed %", "no seed %"] if seeds else []) + ["area %", "vanished %"]
+    rows = []
+    for name, c in labels["classes"].items():
+        cells = [name, str(c["tagged_images"])]
+        if held_out:
+            cells.append(_percent(held_out["ap"].get(name)))
+        if seeds:
+            s = seeds["classes"][name]
+            cells += [_percent(s["foreground_share"]), _percent(s["no_seed"])]
+        rows.append(cells + [_percent(c["area_share"]), _percent(c["vanished"])])
+    if held_out and held_out.get("map") is not None:
+        rows.append(["mean (held out)", str(held_out["images"]), _percent(held_out["map"])] + [""] * (len(header) - 3))
+    return header, rows
+
+
+def statistics_notes(labels: dict[str, Any], seeds: dict[str, Any] | None = None,
+                     held_out: dict[str, Any] | None = None) -> list[str]:
+    """The run-wide figures under the table: held-out images, seed and label background shares,
+    the per-image confidence quantiles."""
+    q = labels["confidence"]["quantiles"]
+    notes = []
+    if held_out:
+        notes.append(f"tag AP: the CAM network on {held_out['images']} images of the training sample it did "
+                     "not train on")
+    if seeds:
+        notes.append(f"seeds ({seeds['images']} images): {_percent(seeds['background_share'])}% confident "
+                     f"background, {_percent(seeds['ignore_share'])}% ignored")
+    notes.append(f"labels: {_percent(labels['background_share'])}% background; per-image mean confidence "
+                 f"p10 {q['p10']:.2f}, median {q['p50']:.2f}, p90 {q['p90']:.2f}")
+    return notes
+
+
+def statistics_table(labels: dict[str, Any], seeds: dict[str, Any] | None = None,
+                     held_out: dict[str, Any] | None = None) -> str:
+    """`statistics_rows` as aligned text, then `statistics_notes`."""
+    return "\n".join([text_table(statistics_rows(labels, seeds, held_out)),
+                      *statistics_notes(labels, seeds, held_out)])
+
+
+QUALITY_COLUMN = "quality"  # shards/: the per-image quality score (`ops.quality.label_quality`)
+
+
+def _lowest(batch: pa.Table, *, count: int) -> pa.Table:
+    """The `count` rows of a block of lowest quality score (a block without the column: none)."""
+    if QUALITY_COLUMN not in batch.column_names or batch.num_rows == 0:
+        return pa.table({"image_id": pa.array([], pa.string()), "image": pa.array([], pa.string()),
+                         "tags": pa.array([], pa.list_(pa.string())), QUALITY_COLUMN: pa.array([], pa.float32())})
+    scores = np.asarray(batch.column(QUALITY_COLUMN).to_numpy(zero_copy_only=False), np.float64)
+    scored = np.flatnonzero(~np.isnan(scores))  # unscored rows (null) are never listed
+    order = scored[np.argsort(scores[scored], kind="stable")][:count]
+    return batch.select(["image_id", "image", "tags", QUALITY_COLUMN]).take(pa.array(order))
+
+
+def review_rows(output: str, count: int) -> list[dict[str, Any]]:
+    """The `count` labeled images of lowest quality score, lowest first: {image_id, image,
+    tag_names, quality}. Each shard file is cut to its lowest `count` in a Ray task; the driver
+    keeps `count` rows at a time."""
+    ds = parquet_dataset(join(output, "shards"), ["image_id", "image", "tags", QUALITY_COLUMN])
+    if ds is None or count <= 0:
+        return []
+    kept: list[dict[str, Any]] = []
+    lowest = ds.map_batches(_lowest, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                            fn_kwargs={"count": count})
+    for batch in lowest.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        kept = sorted(kept + batch.to_pylist(), key=lambda r: (r[QUALITY_COLUMN], r["image_id"]))[:count]
+    return [{"image_id": r["image_id"], "image": r["image"], "tag_names": list(r["tags"]),
+             "quality": float(r[QUALITY_COLUMN])} for r in kept]

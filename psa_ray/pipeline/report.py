@@ -1,13 +1,20 @@
-"""The label report a user looks at: one picture per sample and an index with the metrics.
+"""The label report a user looks at: the run's quality figures and pictures, as a page.
 
-`<output>/report/<image_id>.png`: image | CAM | random walk | final label | ground truth, each
-titled, with a legend of the classes present. CAM and walk are recomputed here, in this process,
-with the same library functions and networks as the pipeline's actors (it is a few images);
-the final label is the one the pipeline wrote to `<output>/labels/`.
-`<output>/report/index.md`: the IoU table (when ground truth was known) and the list of pictures.
+`<output>/report/index.html` (and the same as `index.md`): warnings; per-class quality without
+ground truth (the CAM network's held-out tag AP, seed and label statistics); the IoU table when
+ground truth was known; "check these first", the pictures of the least trustworthy images (lowest
+per-image quality score, `report/review.csv` lists more); and pictures of a few samples.
+A picture (`report/<image_id>.png`) is image | CAM | random walk | final label | ground truth,
+each titled, with a legend of the classes present. CAM and walk are recomputed here, in this
+process, with the same library functions and networks as the pipeline's actors (it is a few
+images); the final label is the one the pipeline wrote to `<output>/labels/`.
 """
 from __future__ import annotations
 
+import csv
+import html
+import io
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,11 +29,24 @@ from psa_ray.ops.cam import with_background
 from psa_ray.ops.pseudo_labels import scores_to_labels, tagged_cams, upsample_scores, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
 from psa_ray.pipeline.actors import ground_truth
-from psa_ray.pipeline.quality import statistics_table
-from psa_ray.pipeline.scoring import metrics_table
+from psa_ray.pipeline.quality import statistics_notes, statistics_rows
+from psa_ray.pipeline.scoring import metrics_rows
+from psa_ray.pipeline.tables import Table, html_table, text_table
 from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
+
+
+@dataclass
+class Section:
+    """One part of the report: a title, lines (list items), a table with notes under it, pictures
+    (file name in report/, caption)."""
+
+    title: str
+    lines: list[str] = field(default_factory=list)
+    table: Table | None = None
+    notes: list[str] = field(default_factory=list)
+    pictures: list[tuple[str, str]] = field(default_factory=list)
 
 
 def tag_names(tags: np.ndarray, class_names: list[str]) -> list[str]:
@@ -60,64 +80,149 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
     return panel_grid([upscale(p, factor) for p in panels], titles, legend_entries(labels, class_names))
 
 
-def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_weights: str,
-                 affinity_weights: str, class_names: list[str], metrics: dict[str, Any] | None,
-                 statistics: dict[str, Any] | None = None, warnings: Sequence[str] = (),
-                 num_samples: int = 8) -> list[str]:
-    """Pictures of the first `num_samples` of rows (a few) that have a label in `<output>/labels/`, and
-    `<output>/report/index.md`; returns the URIs written (pictures, then the index).
+def quality_sections(summary: dict[str, Any], metrics: dict[str, Any] | None) -> list[Section]:
+    """The run's figures (a `labeling.run` summary and its metrics.json): warnings, per-class
+    quality without ground truth, IoU against ground truth. Printed by the job and in the report."""
+    sections = []
+    if summary.get("warnings"):
+        sections.append(Section("Warnings", lines=list(summary["warnings"])))
+    labels = summary.get("label_statistics")
+    if labels:
+        seeds, held_out = summary.get("seed_statistics"), summary.get("cam_held_out")
+        sections.append(Section(f"Quality without ground truth, {labels['images']} images",
+                                table=statistics_rows(labels, seeds, held_out),
+                                notes=statistics_notes(labels, seeds, held_out)))
+    if metrics:
+        sections.append(Section(f"IoU (%) against ground truth, {metrics.get('images', '?')} images",
+                                table=metrics_rows(metrics)))
+    return sections
 
-    rows: `readers.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri);
-    statistics, warnings: `quality.label_statistics` and `quality.quality_warnings` of the run.
-    A sample that cannot be drawn (unreadable image, sizes that differ) is listed in the index
-    with the reason instead of failing the report.
+
+def text_report(sections: Sequence[Section]) -> str:
+    """Sections as plain text (what the job prints)."""
+    out = []
+    for s in sections:
+        out += ["", f"{s.title}:", *(f"- {line}" for line in s.lines)]
+        if s.table:
+            out.append(text_table(s.table))
+        out += s.notes
+        out += [f"- {caption}: {name}" for name, caption in s.pictures]
+    return "\n".join(out)
+
+
+def markdown_report(title: str, intro: Sequence[str], sections: Sequence[Section]) -> str:
+    out = [f"# {title}", "", *intro, ""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        out += [f"- {line}" for line in s.lines] + ([""] if s.lines else [])
+        if s.table:
+            out += ["```text", text_table(s.table), "```", ""]
+        out += [*s.notes, ""] if s.notes else []
+        out += [f"- {caption}: ![{name}]({name})" for name, caption in s.pictures]
+        out += [""] if s.pictures else []
+    return "\n".join(out)
+
+
+STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #bbb;padding:2px 8px}
+td:not(:first-child){text-align:right}th{background:#eee}figure{margin:1em 0}
+img{max-width:100%;image-rendering:pixelated}figcaption{font-size:90%;color:#333}
+.warning{color:#a00}"""
+
+
+def html_report(title: str, intro: Sequence[str], sections: Sequence[Section]) -> str:
+    """Sections as one HTML page (pictures by relative file name, beside the page)."""
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>", *(f"<p>{e(p)}</p>" for p in intro)]
+    for s in sections:
+        out.append(f"<h2>{e(s.title)}</h2>")
+        if s.lines:
+            css = " class='warning'" if s.title == "Warnings" else ""
+            out.append(f"<ul{css}>" + "".join(f"<li>{e(line)}</li>" for line in s.lines) + "</ul>")
+        if s.table:
+            out.append(html_table(s.table))
+        out += [f"<p>{e(note)}</p>" for note in s.notes]
+        out += [f"<figure><img src='{e(name)}' alt='{e(name)}'><figcaption>{e(caption)}</figcaption></figure>"
+                for name, caption in s.pictures]
+    return "\n".join(out + ["</body></html>"])
+
+
+def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_weights: str,
+                 affinity_weights: str, class_names: list[str], summary: dict[str, Any],
+                 metrics: dict[str, Any] | None, review: Sequence[dict[str, Any]] = (),
+                 num_samples: int = 8, num_review_pictures: int = 8) -> list[str]:
+    """`<output>/report/`: index.html and index.md (`quality_sections`, the review list, samples),
+    review.csv, and the pictures; returns the URIs written (pictures, review.csv, index.md, index.html).
+
+    rows: `readers.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri), the
+    samples (the first `num_samples` with a label in labels/); review: the least trustworthy
+    images first (`quality.review_rows`: those dicts and `quality`), pictured up to
+    `num_review_pictures`. A sample that cannot be drawn (unreadable image, sizes that differ)
+    is listed with the reason instead of failing the report.
     """
-    folder = join(output, "report")
-    labels = join(output, "labels")
-    samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]
+    folder, labels = join(output, "report"), join(output, "labels")
     device = inference_device()
     cam_net = load_trained(cam_weights, device)
     affinity_net = load_trained(affinity_weights, device)
+    written: list[str] = []
+    failed: list[str] = []
 
-    written, lines, failed = [], [], []
-    for row in samples:
-        image_id = row["image_id"]
-        try:
-            rgb = decode_image(read_bytes(str(row["image"])))
-            final = decode_label_png(read_bytes(join(labels, f"{image_id}.png")))
-            gt = ground_truth(row.get("gt_uri", ""))
-            for name, label in (("label", final), ("ground truth", gt)):
-                if label is not None and label.shape != rgb.shape[:2]:
-                    raise ValueError(f"{name} {label.shape} does not match image {rgb.shape[:2]}")
-            picture = sample_panels(rgb, np.asarray(row["tags"]), final, gt, cam_net, affinity_net,
-                                    preset, class_names)
-        except Exception as e:  # noqa: BLE001 - one bad sample must not lose the others
-            failed.append(f"- `{image_id}`: {redact(f'{type(e).__name__}: {e}')[:300]}")
-            continue
-        uri = join(folder, f"{image_id}.png")
-        write_bytes(uri, encode_png(picture))
-        written.append(uri)
-        names = ", ".join(tag_names(np.asarray(row["tags"]), class_names))
-        lines.append(f"- `{image_id}` ({names}): ![{image_id}]({image_id}.png)")
+    def pictures(picked: Sequence[dict[str, Any]], caption: str) -> list[tuple[str, str]]:
+        out = []
+        for row in picked:
+            image_id = row["image_id"]
+            try:
+                rgb = decode_image(read_bytes(str(row["image"])))
+                final = decode_label_png(read_bytes(join(labels, f"{image_id}.png")))
+                gt = ground_truth(row.get("gt_uri", ""))
+                for name, label in (("label", final), ("ground truth", gt)):
+                    if label is not None and label.shape != rgb.shape[:2]:
+                        raise ValueError(f"{name} {label.shape} does not match image {rgb.shape[:2]}")
+                picture = sample_panels(rgb, np.asarray(row["tags"]), final, gt, cam_net, affinity_net,
+                                        preset, class_names)
+            except Exception as e:  # noqa: BLE001 - one bad sample must not lose the others
+                failed.append(f"{image_id}: {redact(f'{type(e).__name__}: {e}')[:300]}")
+                continue
+            uri = join(folder, f"{image_id}.png")
+            write_bytes(uri, encode_png(picture))
+            written.append(uri)
+            names = ", ".join(tag_names(np.asarray(row["tags"]), class_names))
+            out.append((f"{image_id}.png", f"{image_id} ({names})" + caption.format(**row)))
+        return out
 
-    index = ["# psa_ray label report", "",
-             f"Preset `{preset.name}`, CAM weights `{cam_weights}`,",
-             f"AffinityNet weights `{affinity_weights}`.", ""]
-    if warnings:
-        index += ["## Warnings", "", *(f"- {w}" for w in warnings), ""]
-    if statistics:
-        index += [f"## Label statistics (no ground truth needed), {statistics['images']} images", "",
-                  "```text", statistics_table(statistics), "```", ""]
-    if metrics:
-        index += [f"## IoU (%) against ground truth, {metrics.get('images', '?')} images", "",
-                  "```text", metrics_table(metrics), "```", ""]
-    index += ["## Samples", "",
-              "Each picture: image (with its tags) | CAM of the tagged classes, argmax with background "
-              f"(1 - max)^{preset.walk.alpha:g} | random walk (AffinityNet, beta {preset.walk.beta:g}, "
-              f"t {preset.walk.t}), argmax | final label (labels/, after the CRF) | ground truth (if any).",
-              "", *(lines or ["No labeled images."]), ""]
+    sections = quality_sections(summary, metrics)
+    if review:
+        written.append(write_review_csv(join(folder, "review.csv"), review))
+        sections.append(Section(
+            "Check these first", lines=[
+                "The images of lowest quality score (shards/ column `quality`; review.csv lists "
+                f"the {len(review)} lowest): where a person should look or correct first."],
+            pictures=pictures(review[:num_review_pictures], ", quality {quality:.2f}")))
+    samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]
+    sections.append(Section("Samples", lines=[
+        "Each picture: image (with its tags) | CAM of the tagged classes, argmax with background "
+        f"(1 - max)^{preset.walk.alpha:g} | random walk (AffinityNet, beta {preset.walk.beta:g}, "
+        f"t {preset.walk.t}), argmax | final label (labels/, after the CRF) | ground truth (if any)."],
+        pictures=pictures(samples, "")))
     if failed:
-        index += ["## Samples that could not be drawn", "", *failed, ""]
-    index_uri = join(folder, "index.md")
-    write_bytes(index_uri, "\n".join(index).encode())
-    return written + [index_uri]
+        sections.append(Section("Samples that could not be drawn", lines=failed))
+    title = "psa_ray label report"
+    intro = [f"Preset {preset.name}, CAM weights {cam_weights}, AffinityNet weights {affinity_weights}."]
+    for name, text in (("index.md", markdown_report(title, intro, sections)),
+                       ("index.html", html_report(title, intro, sections))):
+        write_bytes(join(folder, name), text.encode())
+        written.append(join(folder, name))
+    return written
+
+
+def write_review_csv(uri: str, review: Sequence[dict[str, Any]]) -> str:
+    """review.csv: rank, image_id, quality, tags, image URI, label file, least trustworthy first."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["rank", "image_id", "quality", "tags", "image", "label"])
+    for rank, row in enumerate(review, 1):
+        writer.writerow([rank, row["image_id"], f"{row['quality']:.4f}", row["tag_names"],
+                         row["image"], f"labels/{row['image_id']}.png"])
+    write_bytes(uri, buffer.getvalue().encode())
+    return uri

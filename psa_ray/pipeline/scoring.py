@@ -16,6 +16,7 @@ from psa_ray.errors import UserError
 from psa_ray.io.palette import IGNORE, decode_label_png
 from psa_ray.io.storage import join, list_files, read_bytes
 from psa_ray.ops.metrics import confusion_matrix, iou_per_class, mean_iou
+from psa_ray.pipeline.tables import Table, text_table
 from psa_ray.pipeline.writers import EVAL_VARIANTS, read_table
 
 VALUES = 256          # label PNGs are 8-bit: values 0..255
@@ -101,19 +102,19 @@ def score_folders(labels: str, gt: str, num_classes: int | None = None) -> dict[
             "gt_without_labels": sorted(gt_files.keys() - label_files.keys())}
 
 
+def iou_rows(class_names: list[str], columns: dict[str, dict[str, Any]]) -> Table:
+    """Per-class IoU (percent) and mIoU, one column per entry of `columns` ({title: {"iou": [K
+    floats or None], "miou": float}}: `score_folders` results or the variants of a metrics.json);
+    class_names: the K names, background first."""
+    rows = [[name, *("n/a" if c["iou"][i] is None else f"{100 * c['iou'][i]:.1f}" for c in columns.values())]
+            for i, name in enumerate(class_names)]
+    rows.append(["mIoU", *(f"{100 * c['miou']:.1f}" for c in columns.values())])
+    return ["class", *columns], rows
+
+
 def iou_table(class_names: list[str], columns: dict[str, dict[str, Any]]) -> str:
-    """Per-class IoU (percent) and mIoU as aligned text, one column per entry of `columns`
-    ({title: {"iou": [K floats or None], "miou": float}}: `score_folders` results or the
-    variants of a metrics.json); class_names: the K names, background first."""
-    width = max(len(n) for n in [*class_names, "mIoU"]) + 2
-    cell = max(9, *(len(t) + 2 for t in columns))
-    lines = [f"{'class':<{width}}" + "".join(f"{t:>{cell}}" for t in columns)]
-    for i, name in enumerate(class_names):
-        values = [c["iou"][i] for c in columns.values()]
-        lines.append(f"{name:<{width}}" + "".join(f"{'n/a':>{cell}}" if v is None else f"{100 * v:{cell}.1f}"
-                                                  for v in values))
-    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * c['miou']:{cell}.1f}" for c in columns.values()))
-    return "\n".join(lines)
+    """`iou_rows` as aligned text."""
+    return text_table(iou_rows(class_names, columns))
 
 
 def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
@@ -147,6 +148,11 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
     return metrics
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
+def metrics_rows(metrics: dict[str, Any]) -> Table:
     """The per-class IoU table of a metrics.json (`evaluation`), one column per variant."""
-    return iou_table(metrics["class_names"], {v: metrics[v] for v in EVAL_VARIANTS if v in metrics})
+    return iou_rows(metrics["class_names"], {v: metrics[v] for v in EVAL_VARIANTS if v in metrics})
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """`metrics_rows` as aligned text."""
+    return text_table(metrics_rows(metrics))

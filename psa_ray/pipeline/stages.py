@@ -16,14 +16,13 @@ from psa_ray.models.inference import MODEL_FILE
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
 from psa_ray.pipeline.readers import decoded_dataset, drop_failed
-from psa_ray.pipeline.writers import IndexSink, LabelSink, write_row_files
+from psa_ray.pipeline.writers import SEED_INDEX, IndexSink, LabelSink, write_row_files
 from psa_ray.train.loop import fit
 from psa_ray.train.tasks import Init
 
 # A commit (one Parquet file per shard_rows rows) is light; asking for other CPUs than the file
 # writes keeps Ray from fusing the two, so label files land block by block, not per shard.
 COMMIT_CPUS = 0.1
-SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet (image_id)
 
 ActorStage = tuple[type, dict[str, Any]]  # an actor class and its constructor's keyword arguments
 
@@ -104,17 +103,19 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
     return weights, metrics
 
 
-def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, output: str,
+def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_classes: int, output: str,
                has_gpu: bool) -> None:
     """Stage B: CAMs (GPU pool) -> CRF at two alphas (CPU pool) -> seeds/<id>.png, committed in
-    index/seeds/. rows: those without a committed seed."""
+    index/seeds/ with each image's tags and seed fractions. rows: those without a committed seed."""
     if is_empty(rows):
         return
     p = preset.pipeline
     ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
                                                         mixed_precision=p.mixed_precision)),
-                      (SeedActor, {"cam": preset.cam}), has_gpu, join(output, "seeds"), "png")
-    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})
+                      (SeedActor, {"cam": preset.cam, "num_classes": num_classes}), has_gpu,
+                      join(output, "seeds"), "png")
+    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows, with_seed_fractions=True),
+                      ray_remote_args={"num_cpus": COMMIT_CPUS})
 
 
 def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,

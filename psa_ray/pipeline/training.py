@@ -16,7 +16,7 @@ from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, rows_dataset, with_masks
 from psa_ray.pipeline.stages import train_stage
-from psa_ray.train.evaluate import classifier_map
+from psa_ray.train.evaluate import classifier_ap
 from psa_ray.train.tasks import Init
 
 
@@ -71,6 +71,7 @@ def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
                                    init, job.cpus_per_worker)
     report: dict[str, Any] = {"weights": weights, "train_images": len(train_rows), "metrics": metrics}
     if spec.mask_folder is None and val_rows:  # a classifier: its mAP on the held-out tags
-        report["val_images"] = len(val_rows)
-        report["val_map"] = classifier_map(weights, decoded_dataset(rows_dataset(val_rows)).map_batches(drop_failed))
+        held_out = classifier_ap(weights, decoded_dataset(rows_dataset(val_rows)).map_batches(drop_failed),
+                                 list(corpus.class_names), num_gpus=1.0 if job.use_gpu else 0.0)
+        report.update(val_images=held_out["images"], val_map=held_out["map"], val_ap=held_out["ap"])
     return report

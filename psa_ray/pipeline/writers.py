@@ -19,9 +19,10 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from psa_ray.io.manifest import ERROR_SCHEMA
-from psa_ray.io.palette import encode_label_png
+from psa_ray.io.palette import IGNORE, encode_label_png
 from psa_ray.io.storage import filesystem, join, list_files, read_bytes, with_retries, write_bytes
 
+SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet
 # psa: the CAMs with psa's constant background 0.2 (its README's CAM mIoU); cam: with (1-max)^alpha
 EVAL_VARIANTS = ("cam", "psa", "cam_crf", "rw", "rw_crf")
 
@@ -37,9 +38,14 @@ def write_table(uri: str, table: pa.Table) -> None:
     write_bytes(uri, sink.getvalue())
 
 
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file."""
-    return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+def read_table(uri: str, columns: list[str] | None = None, present_only: bool = False) -> pa.Table:
+    """One Parquet file; with present_only, the columns it lacks (written before they existed)
+    are left out instead of failing."""
+    data = io.BytesIO(read_bytes(uri))
+    if columns is not None and present_only:
+        names = set(pq.read_schema(data).names)
+        columns = [c for c in columns if c in names]
+    return pq.read_table(data, columns=columns)
 
 
 def read_tables(prefix: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -74,18 +80,28 @@ def committed_ids(output_uri: str) -> tuple[set[str], set[str]]:
     return labeled, failed
 
 
-def shard_columns(label: np.ndarray, mean_confidence: float, num_classes: int) -> dict[str, Any]:
+def class_fractions(label: np.ndarray, num_classes: int, ignore: bool = False) -> np.ndarray:
+    """The share of a label map's [H,W] pixels of each value 0..num_classes-1 (background counted)
+    and, with `ignore`, of 255 last: [num_classes (+ 1)] float32."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    kept = np.concatenate([counts[:num_classes], counts[IGNORE:] if ignore else []])
+    return (kept / label.size).astype(np.float32)
+
+
+def shard_columns(label: np.ndarray, mean_confidence: float, num_classes: int,
+                  quality: float | None = None) -> dict[str, Any]:
     """An image's shard columns from its final label [H,W] (values 0..num_classes-1, background
-    counted) and the mean of its per-pixel confidence."""
-    counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
+    counted), the mean of its per-pixel confidence and its quality score (`ops.quality`; None:
+    not scored, e.g. DeepLab's predictions)."""
     return {"label_png": encode_label_png(label), "height": label.shape[0], "width": label.shape[1],
-            "class_fractions": (counts / label.size).astype(np.float32), "mean_confidence": mean_confidence}
+            "class_fractions": class_fractions(label, num_classes), "mean_confidence": mean_confidence,
+            "quality": quality}
 
 
 def shard_defaults(num_classes: int) -> dict[str, Any]:
     """The shard columns of a row that has no label (an error row)."""
     return {"label_png": b"", "height": 0, "width": 0, "class_fractions": np.zeros(num_classes, np.float32),
-            "mean_confidence": 0.0}
+            "mean_confidence": 0.0, "quality": None}
 
 
 def error_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -107,21 +123,28 @@ def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str) -
 
 class IndexSink(Datasink):
     """Commits `<folder>/<digest>.parquet` (column image_id) for the error-free rows, thousands at a
-    time: the seeds written by `write_row_files` that a rerun need not redo."""
+    time: the seeds written by `write_row_files` that a rerun need not redo. With
+    `with_seed_fractions`, also each image's `tags` and `seed_fractions` (for `seed_statistics`)."""
 
-    def __init__(self, folder_uri: str, rows_per_file: int):
-        self.folder, self.rows_per_file = folder_uri, rows_per_file
+    def __init__(self, folder_uri: str, rows_per_file: int, with_seed_fractions: bool = False):
+        self.folder, self.rows_per_file, self.with_seed_fractions = folder_uri, rows_per_file, with_seed_fractions
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
     def write(self, blocks, ctx) -> int:
-        ids = [r["image_id"] for block in blocks
-               for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False) if not r["error"]]
-        if ids:
-            write_table(join(self.folder, f"{digest(ids)}.parquet"), pa.table({"image_id": ids}))
-        return len(ids)
+        rows = [r for block in blocks
+                for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False) if not r["error"]]
+        if not rows:
+            return 0
+        columns: dict[str, Any] = {"image_id": [r["image_id"] for r in rows]}
+        if self.with_seed_fractions:
+            columns["tags"] = [[t for t in str(r["tag_names"]).split("|") if t] for r in rows]
+            columns["seed_fractions"] = pa.array([np.asarray(r["seed_fractions"], np.float32).tolist()
+                                                  for r in rows], pa.list_(pa.float32()))
+        write_table(join(self.folder, f"{digest(columns['image_id'])}.parquet"), pa.table(columns))
+        return len(rows)
 
 
 class LabelSink(Datasink):
@@ -171,6 +194,8 @@ def shard_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
         "class_fractions": pa.array([np.asarray(r["class_fractions"], np.float32).tolist() for r in rows],
                                     pa.list_(pa.float32())),
         "mean_confidence": pa.array([float(r["mean_confidence"]) for r in rows], pa.float32()),
+        "quality": pa.array([None if r.get("quality") is None else float(r["quality"]) for r in rows],
+                            pa.float32()),
         "run_id": [run_id] * len(rows),
     })
 
