@@ -1,8 +1,14 @@
-"""The built-in synthetic corpus (no Ray): images, image-level tags and ground-truth masks."""
+"""The built-in synthetic corpora (no Ray): images, image-level tags and ground-truth masks.
+
+CORPORA maps a corpus name to its config class; write_corpus writes the corpus of any of them.
+"""
 from __future__ import annotations
 
+from psa_ray.data.hard import HardConfig
 from psa_ray.data.synthetic import (
     CLASS_NAMES, Sample, SyntheticConfig, make_sample, split_ids, write_corpus)
 
-__all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_sample", "split_ids",
+CORPORA: dict[str, type] = {"birds": SyntheticConfig, "hard": HardConfig}
+
+__all__ = ["CLASS_NAMES", "CORPORA", "HardConfig", "Sample", "SyntheticConfig", "make_sample", "split_ids",
            "write_corpus"]

@@ -43,10 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psa_ray.io.images import encode_png
-from psa_ray.io.manifest import CorpusRow, write_classes, write_manifest
-from psa_ray.io.palette import encode_label_png
-from psa_ray.io.storage import join, write_bytes
+from psa_ray.data.corpus import register, write_corpus
+
+__all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_sample", "split_ids", "write_corpus"]
 
 CLASS_NAMES: tuple[str, ...] = ("cardinal", "goldfinch", "mallard", "kingfisher", "bluejay", "flamingo")
 
@@ -160,17 +159,21 @@ def _mottle(rng: np.random.Generator, height: int, width: int, cell: float) -> n
 
 
 def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, length: float, aspect: float,
-          centre: tuple[float, float]) -> _Blob:
-    """A random smooth blob on the pixel grid yy, xx [H,W]: long axis `length`, short/long `aspect`."""
+          centre: tuple[float, float], wobble: float = 0.13, exponent: float = 2.0) -> _Blob:
+    """A random smooth blob on the pixel grid yy, xx [H,W]: long axis `length`, short/long `aspect`.
+
+    Its outline is a superellipse of `exponent` (2: an ellipse, 4: a rounded rectangle) whose
+    radius is perturbed by harmonics 2-4 of amplitude each up to `wobble`."""
     a, b = length / 2.0, length * aspect / 2.0
     angle = rng.uniform(0.0, np.pi)
     dy, dx = yy - centre[0], xx - centre[1]
     u = dx * np.cos(angle) + dy * np.sin(angle)
     v = -dx * np.sin(angle) + dy * np.cos(angle)
     theta = np.arctan2(v / b, u / a)
-    rho = np.hypot(u / a, v / b)
+    rho = (np.hypot(u / a, v / b) if exponent == 2.0
+           else (np.abs(u / a) ** exponent + np.abs(v / b) ** exponent) ** (1.0 / exponent))
     harmonics = np.arange(2, 5)
-    amplitude = rng.uniform(0.0, 0.13, harmonics.size)
+    amplitude = rng.uniform(0.0, wobble, harmonics.size)
     phase = rng.uniform(0.0, 2 * np.pi, harmonics.size)
     radius = 1.0 + np.tensordot(amplitude, np.cos(harmonics[:, None, None] * theta + phase[:, None, None]),
                                 axes=1)
@@ -291,25 +294,6 @@ def make_sample(index: int, config: SyntheticConfig) -> Sample:
                   mask=mask, tags=tags)
 
 
-def write_corpus(root_uri: str, config: SyntheticConfig, endpoint_url: str | None = None) -> str:
-    """Write images/<id>.png, gt/<id>.png (palette), manifest.parquet and classes.txt under root_uri.
-
-    Existing files are overwritten; the same config gives the same bytes. Returns the manifest URI.
-    """
-    rows = []
-    for i in range(config.num_images):
-        sample = make_sample(i, config)
-        image_path = f"images/{sample.image_id}.png"
-        write_bytes(join(root_uri, image_path), encode_png(sample.image), endpoint_url=endpoint_url)
-        write_bytes(join(root_uri, "gt", f"{sample.image_id}.png"), encode_label_png(sample.mask),
-                    endpoint_url=endpoint_url)
-        rows.append(CorpusRow(image_id=sample.image_id, image=image_path, tags=sample.tags))
-    write_classes(list(CLASS_NAMES), join(root_uri, "classes.txt"), endpoint_url=endpoint_url)
-    manifest_uri = join(root_uri, "manifest.parquet")
-    write_manifest(rows, manifest_uri, format="parquet", endpoint_url=endpoint_url)
-    return manifest_uri
-
-
 def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, val): round(len(ids) * val_fraction) ids drawn for val by a seeded permutation of
     the sorted ids (so the split ignores input order); both lists keep the input order."""
@@ -319,3 +303,6 @@ def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str]
     picked = np.random.default_rng(seed).permutation(len(ordered))[: round(len(ordered) * val_fraction)]
     val = {ordered[i] for i in picked}
     return [i for i in ids if i not in val], [i for i in ids if i in val]
+
+
+register(SyntheticConfig, CLASS_NAMES, make_sample)
