@@ -9,7 +9,9 @@ import torch
 
 from psa_ray.config import CrfConfig, WalkConfig
 from psa_ray.models.networks import build_model
-from psa_ray.ops.pseudo_labels import crf_scores, scores_to_labels, upsample_scores, walk_scores, walk_size
+from psa_ray.ops.pseudo_labels import (
+    blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, upsample_scores, walk_scores,
+    walk_size)
 
 
 @pytest.mark.parametrize("height, width, min_side, expected", [
@@ -101,3 +103,34 @@ def test_a_batch_of_mixed_sizes_gives_each_image_what_it_gets_alone():
         grid = [-(-s // 8) for s in walk_size(*image.shape[1:], 48)]
         assert scores.shape == alone.shape == (len(class_ids) + 1, *grid)
         torch.testing.assert_close(scores, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_blend_keeps_the_cams_evidence_where_the_walk_lost_it():
+    """A class the walk shrank to a weak score keeps the pixels where its CAM is strong; weight 0
+    is psa's rule (the walked scores as they are)."""
+    cams = np.zeros((1, 4, 4), np.float32)
+    cams[0, :, :2] = 0.9                              # the class's CAM on the left half
+    walked = cam_scores(np.full((1, 4, 4), 0.05, np.float32), 16.0)  # the walk washed it out
+    class_ids = np.array([3])
+    assert np.all(scores_to_labels(blend_scores(walked, cam_scores(cams, 16.0), 0.0), class_ids) == 0)
+    blended = scores_to_labels(blend_scores(walked, cam_scores(cams, 16.0), 0.5), class_ids)
+    assert np.all(blended[:, :2] == 3) and np.all(blended[:, 2:] == 0)
+
+
+def test_an_erased_class_gets_back_its_confident_cam_region_only():
+    cams = np.zeros((2, 6, 6), np.float32)             # classes 2 and 5
+    cams[0, :3] = 0.8                                 # class 2 confident on the top half
+    cams[1, 3:, :2] = 0.9                             # class 5 confident in the bottom-left corner
+    cams[1, 3:, 2:] = 0.2                             # and weak elsewhere: background wins there
+    label = np.zeros((6, 6), np.uint8)
+    label[:3] = 2                                     # the walk kept class 2, erased class 5
+    restored, classes = restore_erased_classes(label, cams, np.array([2, 5]), alpha=4.0)
+    assert np.all(restored[:3] == 2) and np.all(restored[3:, :2] == 5) and np.all(restored[3:, 2:] == 0)
+    assert classes == [5]
+    # a class the label still has is left as it is, and so is a class with no confident region
+    label[5, 5] = 5
+    assert restore_erased_classes(label, cams, np.array([2, 5]), alpha=4.0)[1] == []
+    assert np.array_equal(restore_erased_classes(label, cams, np.array([2, 5]), alpha=4.0)[0], label)
+    weak = np.full((1, 6, 6), 0.1, np.float32)
+    kept, none = restore_erased_classes(np.zeros((6, 6), np.uint8), weak, np.array([1]), alpha=4.0)
+    assert np.all(kept == 0) and none == []

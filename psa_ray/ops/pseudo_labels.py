@@ -53,6 +53,38 @@ def scores_to_labels(scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     return lookup[best]
 
 
+def cam_scores(cams: np.ndarray, alpha: float) -> np.ndarray:
+    """cams [n,H,W] in [0,1] -> scores [n+1,H,W] float32, the background (1 - max)^alpha first."""
+    return with_background(torch.from_numpy(np.asarray(cams, np.float32))[None], alpha)[0].numpy()
+
+
+def blend_scores(walked: np.ndarray, cams: np.ndarray, cam_weight: float) -> np.ndarray:
+    """The final CRF's input [n+1,H,W]: (1 - cam_weight) walked + cam_weight CAM scores.
+
+    Both are [n+1,H,W] in [0,1] with the same background power (the walk averages its input),
+    so the CAM's evidence stays in the label where the walk's affinities leak a weakly
+    connected object into the background (bench/README.md measures it); 0 is psa's rule.
+    """
+    if cam_weight == 0.0:
+        return walked
+    return (1.0 - cam_weight) * walked + cam_weight * cams
+
+
+def restore_erased_classes(label: np.ndarray, cams: np.ndarray, class_ids: np.ndarray,
+                           alpha: float) -> tuple[np.ndarray, list[int]]:
+    """label [H,W] uint8, cams [n,H,W] (for class_ids) -> (label where no tagged class with a
+    confident CAM region is missing, the classes restored). A class that ended with no pixels gets
+    back the pixels where it wins over the background (1 - max)^alpha (stage B's alpha_low,
+    confident foreground) and over the other classes; other pixels keep their class."""
+    confident = scores_to_labels(cam_scores(cams, alpha), class_ids)
+    label, restored = label.copy(), []
+    for c in class_ids:
+        if not (label == c).any() and (confident == c).any():
+            label[confident == c] = c
+            restored.append(int(c))
+    return label, restored
+
+
 def crf_scores(rgb: np.ndarray, scores: np.ndarray, config: CrfConfig) -> np.ndarray:
     """Dense CRF on per-pixel scores [n+1,H,W] (made into distributions first) -> [n+1,H,W]."""
     probs = scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5)
@@ -65,8 +97,7 @@ def seed_crf_scores(rgb: np.ndarray, cams: np.ndarray, config: CamConfig) -> tup
     The dense CRF runs on the CAMs with the background (1 - max)^alpha_low (confident
     foreground) and ^alpha_high (confident background), unnormalised, as psa's `infer_cls.py`.
     """
-    cams_t = torch.from_numpy(np.asarray(cams, np.float32))[None]
-    low, high = (dense_crf(rgb, with_background(cams_t, alpha)[0].numpy(), config.crf)
+    low, high = (dense_crf(rgb, cam_scores(cams, alpha), config.crf)
                  for alpha in (config.alpha_low, config.alpha_high))
     return low, high
 

@@ -18,11 +18,11 @@ from psa_ray.io.palette import decode_label_png, encode_label_png
 from psa_ray.io.seeds import encode_seed_scores
 from psa_ray.io.storage import read_bytes
 from psa_ray.io.redact import redact
-from psa_ray.ops.cam import with_background, with_constant_background
+from psa_ray.ops.cam import with_constant_background
 from psa_ray.ops.metrics import confusion_matrix
 from psa_ray.ops.pseudo_labels import (
-    STRIDE, crf_scores, scores_to_labels, seed_crf_scores, seed_label, tagged_cams, upsample_scores, walk_scores,
-    walk_size)
+    STRIDE, blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, seed_crf_scores,
+    seed_label, tagged_cams, upsample_scores, walk_scores, walk_size)
 from psa_ray.ops.quality import edge_band, label_quality
 from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
 from psa_ray.pipeline.readers import object_column
@@ -74,20 +74,18 @@ class NetworkActor:
     AffinityNet and the random walk too, the whole batch at once (`per_batch`)."""
 
     def __init__(self, cam_weights: str, cam: CamConfig, affinity_weights: str | None = None,
-                 walk: WalkConfig | None = None, keep_cams: bool = True, mixed_precision: bool = True):
+                 walk: WalkConfig | None = None, mixed_precision: bool = True):
         self.device = inference_device()
         self.autocast = autocast_dtype(self.device, mixed_precision)
         self.cam_net = load_trained(cam_weights, self.device)
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
-        self.cam, self.walk, self.keep_cams = cam, walk or WalkConfig(), keep_cams
+        self.cam, self.walk = cam, walk or WalkConfig()
 
     def _rows(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, Any]]:
         images = [to_tensor(batch["rgb"][i]).to(self.device) for i in rows]
         tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], self.cam, self.autocast)
-        out: list[dict[str, Any]] = [{"class_ids": class_ids} for class_ids, _ in tagged]
-        if self.keep_cams:
-            for row, (_, cams) in zip(out, tagged):
-                row["cams"] = cams.cpu().numpy().astype(np.float16)
+        out: list[dict[str, Any]] = [{"class_ids": class_ids, "cams": cams.cpu().numpy().astype(np.float16)}
+                                     for class_ids, cams in tagged]
         if self.affinity_net is not None:
             walked = walk_scores(self.affinity_net, images, [cams for _, cams in tagged], self.walk, self.autocast)
             for row, scores in zip(out, walked):
@@ -95,9 +93,7 @@ class NetworkActor:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        columns = {"class_ids": np.zeros(0, np.int64)}
-        if self.keep_cams:
-            columns["cams"] = np.zeros((0, 1, 1), np.float16)
+        columns: dict[str, np.ndarray] = {"class_ids": np.zeros(0, np.int64), "cams": np.zeros((0, 1, 1), np.float16)}
         if self.affinity_net is not None:
             columns["walked"] = np.zeros((1, 1, 1), np.float32)
         return per_batch(batch, "cam" if self.affinity_net is None else "walk",
@@ -149,29 +145,35 @@ def ground_truth(uri: str) -> np.ndarray | None:
 
 
 class RefineActor:
-    """CPU stage D: dense CRF on the walked scores -> pseudo label, shard columns (with the
-    per-image quality score, `ops.quality.label_quality`), evaluation."""
+    """CPU stage D: dense CRF on the walked scores (blended with the CAM's, `WalkConfig.cam_weight`)
+    -> pseudo label, with a tagged class the walk erased restored from its confident CAM region
+    (`restore_erased_classes` at `seed_alpha`, stage B's alpha_low), shard columns (with the
+    per-image quality score, `ops.quality.label_quality`, of the label before the restoring, so
+    that such an image scores low), evaluation."""
 
-    def __init__(self, walk: WalkConfig, num_classes: int, evaluate: bool):
-        self.walk, self.num_classes, self.evaluate = walk, num_classes, evaluate
+    def __init__(self, walk: WalkConfig, seed_alpha: float, num_classes: int, evaluate: bool):
+        self.walk, self.seed_alpha = walk, seed_alpha
+        self.num_classes, self.evaluate = num_classes, evaluate
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         rgb, class_ids = batch["rgb"][i], batch["class_ids"][i]
+        raw_cams = batch["cams"][i].astype(np.float32)
         walked = upsample_scores(batch["walked"][i], *rgb.shape[:2], self.walk)
-        probs = crf_scores(rgb, walked, self.walk.crf)
+        cams = cam_scores(raw_cams, self.walk.alpha)
+        probs = crf_scores(rgb, blend_scores(walked, cams, self.walk.cam_weight), self.walk.crf)
         # An image shrunk for processing (PipelineConfig.max_side) gets its label at its full size.
         height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
         refined = scores_to_labels(probs, class_ids)
         band = edge_band(rgb.shape[0], walk_size(*rgb.shape[:2], self.walk.min_side)[0], STRIDE)
         quality = label_quality(refined, scores_to_labels(walked, class_ids), band, class_ids)
+        refined, restored = restore_erased_classes(refined, raw_cams, class_ids, self.seed_alpha)
         label = resize_label(refined, height, width)
-        out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1, quality)
+        out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1, quality, restored)
         gt = ground_truth(str(batch["gt_uri"][i])) if self.evaluate else None
         if gt is not None:
             if gt.shape != label.shape:
                 raise ValueError(f"ground truth {gt.shape} does not match image {label.shape}")
-            cams_t = torch.from_numpy(batch["cams"][i].astype(np.float32))[None]
-            cams = with_background(cams_t, self.walk.alpha)[0].numpy()
+            cams_t = torch.from_numpy(raw_cams)[None]
             variants = {"cam": scores_to_labels(cams, class_ids),  # the names of EVAL_VARIANTS
                         "psa": scores_to_labels(with_constant_background(cams_t)[0].numpy(), class_ids),
                         "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), class_ids),

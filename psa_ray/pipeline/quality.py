@@ -32,7 +32,8 @@ MIN_TAGGED = 10
 
 def _block_sums(batch: pa.Table, *, column: str, class_names: list[str]) -> pa.Table:
     """The sums of a block of rows (tags, `column`: fractions [background, C classes(, ignore)])
-    as one row: images; per class [C] tagged, empty (tagged, no pixel of it), untagged_with_pixels,
+    as one row: images; per class [C] tagged, empty (tagged, no pixel of it, or restored from the CAM
+    after the walk erased it: column `restored`), untagged_with_pixels,
     share, and background and ignore shares of its tagged images; background and ignore shares;
     with `mean_confidence`, its histogram [CONFIDENCE_BINS]. A block without `column` (a file
     written before it existed) counts nothing."""
@@ -40,16 +41,20 @@ def _block_sums(batch: pa.Table, *, column: str, class_names: list[str]) -> pa.T
     n = batch.num_rows if column in batch.column_names else 0
     fractions = np.zeros((n, k + 2))
     is_tagged = np.zeros((n, k), bool)
+    erased = np.zeros((n, k), bool)   # the walk left no pixel; the label kept the CAM's region
     if n:
         values = np.asarray(batch.column(column).combine_chunks().flatten(), np.float64).reshape(n, -1)
         fractions[:, : values.shape[1]] = values
         tags = batch.column("tags").to_pylist()
         for row, names in enumerate(tags):
             is_tagged[row, [index[t] for t in names if t in index]] = True
+        if "restored" in batch.column_names:
+            for row, values in enumerate(batch.column("restored").to_pylist()):
+                erased[row, [v - 1 for v in values or [] if 0 < v <= k]] = True
     classes, background, ignore = fractions[:, 1: k + 1], fractions[:, 0], fractions[:, k + 1]
     present = classes > 0
     sums = {"images": [n], "tagged": is_tagged.sum(axis=0).tolist(),
-            "empty": (is_tagged & ~present).sum(axis=0).tolist(),
+            "empty": (is_tagged & (~present | erased)).sum(axis=0).tolist(),
             "untagged_with_pixels": (~is_tagged & present).sum(axis=0).tolist(),
             "share": np.where(is_tagged, classes, 0.0).sum(axis=0).tolist(),
             "tagged_background": (is_tagged * background[:, None]).sum(axis=0).tolist(),
@@ -66,7 +71,7 @@ def _block_sums(batch: pa.Table, *, column: str, class_names: list[str]) -> pa.T
 def _summed(prefix: str, column: str, class_names: list[str]) -> dict[str, Any] | None:
     """`_block_sums` of every Parquet file under prefix, summed (None: no file, or no row counted).
     The files are read and summed in Ray tasks, a file per task; the driver adds up a row per file."""
-    ds = parquet_dataset(prefix, ["tags", column, "mean_confidence"])
+    ds = parquet_dataset(prefix, ["tags", column, "mean_confidence", "restored"])
     if ds is None:
         return None
     total: dict[str, Any] = {}
@@ -152,8 +157,8 @@ def quality_warnings(statistics: dict[str, Any] | None, seeds: dict[str, Any] | 
     warnings = []
     for name, c in judged.items():
         if c["vanished"] > VANISHED_WARNING:
-            why = (f"has no pixels in the labels of {100 * c['vanished']:.0f}% of the {c['tagged_images']} "
-                   "images tagged with it")
+            why = (f"vanished from {100 * c['vanished']:.0f}% of the {c['tagged_images']} images tagged with it "
+                   "(no pixels, or only its confident CAM region restored after the walk erased it)")
             no_seed = seeds["classes"][name]["no_seed"] if seeds and name in seeds["classes"] else None
             if no_seed is not None and no_seed < c["vanished"] / 2:
                 warnings.append(f"class {name!r} {why}, though only {100 * no_seed:.0f}% of them have no confident "

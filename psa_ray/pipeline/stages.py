@@ -128,7 +128,8 @@ def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affini
     p = preset.pipeline
     ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
                                                         affinity_weights=affinity_weights, walk=preset.walk,
-                                                        keep_cams=evaluate, mixed_precision=p.mixed_precision)),
-                      (RefineActor, dict(walk=preset.walk, num_classes=num_classes, evaluate=evaluate)),
+                                                        mixed_precision=p.mixed_precision)),
+                      (RefineActor, dict(walk=preset.walk, seed_alpha=preset.cam.alpha_low, num_classes=num_classes,
+                                        evaluate=evaluate)),
                       has_gpu, join(output, "labels"), "label_png")
     ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})

@@ -89,19 +89,20 @@ def class_fractions(label: np.ndarray, num_classes: int, ignore: bool = False) -
 
 
 def shard_columns(label: np.ndarray, mean_confidence: float, num_classes: int,
-                  quality: float | None = None) -> dict[str, Any]:
+                  quality: float | None = None, restored: list[int] | None = None) -> dict[str, Any]:
     """An image's shard columns from its final label [H,W] (values 0..num_classes-1, background
-    counted), the mean of its per-pixel confidence and its quality score (`ops.quality`; None:
-    not scored, e.g. DeepLab's predictions)."""
+    counted), the mean of its per-pixel confidence, its quality score (`ops.quality`; None: not
+    scored, e.g. DeepLab's predictions) and the classes the walk erased, restored from the CAM
+    (`ops.pseudo_labels.restore_erased_classes`)."""
     return {"label_png": encode_label_png(label), "height": label.shape[0], "width": label.shape[1],
             "class_fractions": class_fractions(label, num_classes), "mean_confidence": mean_confidence,
-            "quality": quality}
+            "quality": quality, "restored": np.asarray(restored or [], np.int32)}
 
 
 def shard_defaults(num_classes: int) -> dict[str, Any]:
     """The shard columns of a row that has no label (an error row)."""
     return {"label_png": b"", "height": 0, "width": 0, "class_fractions": np.zeros(num_classes, np.float32),
-            "mean_confidence": 0.0, "quality": None}
+            "mean_confidence": 0.0, "quality": None, "restored": np.zeros(0, np.int32)}
 
 
 def error_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -196,6 +197,8 @@ def shard_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
         "mean_confidence": pa.array([float(r["mean_confidence"]) for r in rows], pa.float32()),
         "quality": pa.array([None if r.get("quality") is None else float(r["quality"]) for r in rows],
                             pa.float32()),
+        "restored": pa.array([np.asarray(r.get("restored", []), np.int32).tolist() for r in rows],
+                             pa.list_(pa.int32())),
         "run_id": [run_id] * len(rows),
     })
 
