@@ -1,6 +1,7 @@
 """Label a tag-only image corpus with AffinityNet pseudo labels (the main psa_ray job).
 
 Laptop:   python jobs/label_dataset.py                      (built-in synthetic corpus, CPU, minutes)
+          python jobs/label_dataset.py --corpus hard --output outputs/hard   (the harder one)
 Cluster:  ray job submit --address http://HEAD:8265 --working-dir . -- \\
               python jobs/label_dataset.py --input s3://bucket/manifest.parquet --output s3://bucket/run1 \\
               --preset paper --backbone resnet38d --backbone-weights s3://bucket/weights/ilsvrc-res38.pth
@@ -46,7 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the training sample the CAM network does not train on; its tag AP "
                         "per class on them is in run.json (cam_held_out); 0: none")
     p.add_argument("--shard-rows", type=int, help="rows per shards/*.parquet file (default 2048)")
-    p.add_argument("--synthetic-images", type=int, default=300, help="size of the synthetic corpus")
+    p.add_argument("--corpus", choices=["birds", "hard"],
+                   help="the built-in synthetic corpus of a run without --input: birds (default; "
+                        "classes told by head colour) or hard (classes told by texture and shape, "
+                        "several small objects on cluttered backgrounds)")
+    p.add_argument("--synthetic-images", type=int,
+                   help="size of the built-in corpus (default: 300 birds, 240 hard)")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per network")
     p.add_argument("--epochs", type=int, help="override every network's epochs (quick trials)")
     p.add_argument("--crop-size", type=int, help="override every network's training crop (quick trials)")

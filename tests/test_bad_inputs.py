@@ -262,7 +262,7 @@ def test_refine_actor_restores_the_label_to_the_original_size(tmp_path):
              "cams": _objects(cams), "gt_uri": _objects(str(tmp_path / "gt.png")),
              "orig_height": np.array([80]), "orig_width": np.array([192]),
              "stage": _objects(""), "error": _objects(""), "message": _objects("")}
-    out = RefineActor(WalkConfig(), num_classes=3, evaluate=True)(batch)
+    out = RefineActor(WalkConfig(), 4.0, num_classes=3, evaluate=True)(batch)
     assert out["error"][0] == "", out["message"][0]
     label = decode_label_png(out["label_png"][0])
     assert label.shape == (80, 192) and (out["height"][0], out["width"][0]) == (80, 192)
@@ -285,7 +285,7 @@ def test_a_row_that_breaks_a_batch_becomes_the_only_error_row(tmp_path, save_net
     actor = NetworkActor(save_network(str(tmp_path), "cam", build_network("cam", "tiny", classes)),
                      CamConfig(scales=(0.5, 1.0)),
                      save_network(str(tmp_path), "affinity", build_network("affinity", "tiny", classes)),
-                     WalkConfig(t=16), keep_cams=False, mixed_precision=False)
+                     WalkConfig(t=16), mixed_precision=False)
     rng = np.random.default_rng(0)
     rgbs = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(40, 56, 3), (48, 40, 3), (40, 56, 3)]]
     tags = [np.eye(classes, dtype=np.float32)[0], np.ones(classes + 1, np.float32),
@@ -379,18 +379,24 @@ def test_user_errors_end_the_job_with_one_error_line_and_status_2(ray_cluster, t
         ("label_dataset", *good, "--cam-checkpoint", str(tmp_path / "gone" / "model.pt"), *out): "--cam-checkpoint",
         ("label_dataset", *good, "--backbone-weights", garbage, *out): "not a weights-only PyTorch checkpoint",
         ("label_dataset", *good, "--held-out", "0.7", *out): "--held-out must be in [0, 0.5)",
+        ("label_dataset", *good, "--corpus", "hard", *out): "--corpus picks a built-in corpus",
         ("train_cam", "--input", missing, *out): "manifest",
         ("train_cam", *good, "--backbone-weights", garbage, *out): "--backbone-weights",
         ("predict", "--checkpoint", garbage, "--input", str(tmp_path), *out): "--checkpoint",
         ("evaluate", str(tmp_path / "no_labels"), "--gt", str(tmp_path)): "no label PNGs",
     }
+    # the jobs run side by side (each is mostly its imports): the 2-core suite's time
+    running = {(job, *args): subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args],
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env={**os.environ, "RAY_ADDRESS": ray_cluster})
+               for job, *args in cases}
     for (job, *args), phrase in cases.items():
-        done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args], capture_output=True,
-                              text=True, env={**os.environ, "RAY_ADDRESS": ray_cluster}, timeout=300)
-        assert done.returncode == 2, (job, args, done.stderr[-3000:])
-        assert "Traceback" not in done.stderr, (job, args, done.stderr[-3000:])
-        last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and phrase in last, (job, args, done.stderr[-3000:])
+        process = running[(job, *args)]
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (job, args, stderr[-3000:])
+        assert "Traceback" not in stderr, (job, args, stderr[-3000:])
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and phrase in last, (job, args, stderr[-3000:])
 
 
 @pytest.mark.slow

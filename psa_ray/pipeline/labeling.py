@@ -20,7 +20,7 @@ import ray
 import torch
 
 from psa_ray.config import PRESETS, Preset, default_preset, to_dict
-from psa_ray.data.synthetic import SyntheticConfig, write_corpus
+from psa_ray.data import CORPORA, write_corpus
 from psa_ray.errors import UserError
 from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, read_bytes, write_bytes
@@ -59,7 +59,8 @@ class LabelJob:
     train_images: int = 20000          # the networks train on this many images (a sample by id digest)
     held_out: float = 0.1              # share of the sample the CAM network does not train on (its tag AP)
     shard_rows: int | None = None      # rows per shards/ file (default: the preset's)
-    synthetic_images: int = 300
+    corpus: str | None = None          # the built-in corpus without an input: birds (None) or hard
+    synthetic_images: int | None = None  # its size (None: the corpus's own, 300 birds, 240 hard)
     train_workers: int | None = None
     epochs: int | None = None          # override every network's epochs (quick trials, tests)
     crop_size: int | None = None       # override every network's training crop (quick trials, tests)
@@ -123,6 +124,9 @@ def run(job: LabelJob) -> dict[str, Any]:
         "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
     if not 0.0 <= job.held_out < 0.5:
         raise UserError(f"--held-out must be in [0, 0.5), got {job.held_out}")
+    if job.corpus is not None and (job.input is not None or job.corpus not in CORPORA):
+        raise UserError(f"--corpus picks a built-in corpus ({', '.join(CORPORA)}) for a run without "
+                        f"--input; got --corpus {job.corpus}" + (f" with --input {job.input}" if job.input else ""))
     check_weights("--backbone-weights", job.backbone_weights)
     check_weights("--cam-checkpoint", job.cam_checkpoint, trained=True)
     check_weights("--affinity-checkpoint", job.affinity_checkpoint, trained=True)
@@ -141,7 +145,8 @@ def run(job: LabelJob) -> dict[str, Any]:
         corpus_root = join(job.output, "corpus")
         input_uri = join(corpus_root, "manifest.parquet")
         if not exists(input_uri):
-            write_corpus(corpus_root, SyntheticConfig(num_images=job.synthetic_images, seed=job.seed))
+            size = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
+            write_corpus(corpus_root, CORPORA[job.corpus or "birds"](seed=job.seed, **size))
         gt = gt or join(corpus_root, "gt")
     index = timed("corpus", prepare_corpus, input_uri, job.output, job.classes, job.train_images)
     names = list(index.class_names)
