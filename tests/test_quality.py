@@ -54,6 +54,17 @@ def test_statistics_count_vanished_classes_and_warn_only_for_often_vanished_ones
     assert "cat" in statistics_table(stats) and "median 0.83" in statistics_table(stats)
 
 
+def test_a_class_covering_far_more_than_the_median_class_is_warned_of():
+    """seed 5 of the default run: cardinal covered 3x the median class's share (final IoU 27)."""
+    def stats(area: float) -> dict:
+        shares = {"cardinal": area, "goldfinch": 0.19, "mallard": 0.16, "kingfisher": 0.17, "bluejay": 0.12}
+        return {"classes": {n: {"tagged_images": 70, "vanished": 0.0, "area_share": a} for n, a in shares.items()}}
+    [warning] = quality_warnings(stats(0.497))
+    assert "'cardinal'" in warning and "49.7%" in warning and "median of 17.0%" in warning
+    assert "took in the background or other classes" in warning
+    assert quality_warnings(stats(0.30)) == []  # 1.8x the median: good runs showed up to 1.9x
+
+
 def test_no_shards_no_statistics_no_warnings(ray_cluster, tmp_path):
     assert label_statistics(str(tmp_path), NAMES) is None
     assert seed_statistics(str(tmp_path), NAMES) is None

@@ -4,7 +4,8 @@ Summed from `shards/` (labels) and `index/seeds/` (stage B's confident seeds) in
 so neither the driver's memory nor its I/O grows with the corpus. A class "vanishes" from an
 image when the image is tagged with it but its final label has no pixel of it: the CAM network
 did not find it, or the walk washed it out. A class that vanishes from many of its images, or
-covers much less of its images than the other classes cover of theirs, was likely learned poorly.
+covers much less (or much more) of its images than the other classes cover of theirs, was likely
+learned poorly.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ CONFIDENCE_BINS = 100         # histogram of per-image mean confidence over [0, 
 # area ratios 0.06-0.39.
 VANISHED_WARNING = 0.15
 AREA_WARNING = 0.5
+# ... or covers more than AREA_HIGH_WARNING x the median: over 26 default-style runs (2026-12-03) the
+# classes with the largest area ratio were at most 1.93x in good runs, and 3.0x, 3.0x and 7.5x
+# where the CAM network had learned that class badly (final IoU 27, 35 and 17: it took in the
+# background or another class); a 1-epoch run's 2.03x class had IoU 88.
+AREA_HIGH_WARNING = 2.5
 MIN_TAGGED = 10
 
 
@@ -147,7 +153,8 @@ def _quantiles(histogram: np.ndarray) -> dict[str, float]:
 
 
 def quality_warnings(statistics: dict[str, Any] | None, seeds: dict[str, Any] | None = None) -> list[str]:
-    """One line per class that looks learned poorly (VANISHED_WARNING, AREA_WARNING), naming it.
+    """One line per class that looks learned poorly (VANISHED_WARNING, AREA_WARNING,
+    AREA_HIGH_WARNING), naming it.
     With the seed statistics, a class that vanished from images where it had confident seeds is
     said to be lost by the random walk rather than missed by the CAM network."""
     if not statistics:
@@ -168,6 +175,10 @@ def quality_warnings(statistics: dict[str, Any] | None, seeds: dict[str, Any] | 
         elif c["area_share"] < AREA_WARNING * median_area:
             why = (f"covers {100 * c['area_share']:.1f}% of the {c['tagged_images']} images tagged with it, "
                    f"against a median of {100 * median_area:.1f}% for the classes (unless its objects are small)")
+        elif c["area_share"] > AREA_HIGH_WARNING * median_area:
+            why = (f"covers {100 * c['area_share']:.1f}% of the {c['tagged_images']} images tagged with it, "
+                   f"against a median of {100 * median_area:.1f}% for the classes (unless its objects are large): "
+                   "it likely took in the background or other classes")
         else:
             continue
         warnings.append(f"class {name!r} {why}: its networks likely learned it poorly "
