@@ -172,13 +172,11 @@ def quality_warnings(statistics: dict[str, Any] | None, seeds: dict[str, Any] | 
                                 "seed of it: the random walk lost it there (check report/; see the README, "
                                 "'Known limits')")
                 continue
-        elif c["area_share"] < AREA_WARNING * median_area:
+        elif not AREA_WARNING * median_area <= c["area_share"] <= AREA_HIGH_WARNING * median_area:
+            small = c["area_share"] < median_area
             why = (f"covers {100 * c['area_share']:.1f}% of the {c['tagged_images']} images tagged with it, "
-                   f"against a median of {100 * median_area:.1f}% for the classes (unless its objects are small)")
-        elif c["area_share"] > AREA_HIGH_WARNING * median_area:
-            why = (f"covers {100 * c['area_share']:.1f}% of the {c['tagged_images']} images tagged with it, "
-                   f"against a median of {100 * median_area:.1f}% for the classes (unless its objects are large): "
-                   "it likely took in the background or other classes")
+                   f"against a median of {100 * median_area:.1f}% for the classes (unless its objects are "
+                   + ("small)" if small else "large): it likely took in the background or other classes"))
         else:
             continue
         warnings.append(f"class {name!r} {why}: its networks likely learned it poorly "
