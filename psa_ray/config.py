@@ -78,6 +78,9 @@ class TrainConfig:
     mixed_precision: bool = True         # bf16 autocast on GPU only
     checkpoint_every_epochs: int = 1
     seed: int = 0
+    # rows each worker shuffles per epoch, seeded by (seed, epoch, rank), as psa's shuffling
+    # DataLoader: a buffer of this many decoded rows (0: the rows in the dataset's order)
+    shuffle_rows: int = 1024
     # a backbone that starts from weights (backbone_weights, or another network's backbone)
     # keeps every BatchNorm in eval mode with gamma/beta frozen, and its stem frozen
     # (`stem_modules` of models/backbones.py), as psa; from scratch everything trains

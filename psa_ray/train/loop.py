@@ -51,6 +51,15 @@ def _init_weights(model: torch.nn.Module, config: TrainConfig, init: Init | None
         load_weights(model.backbone if init.backbone_only else model, init.uri, strict=not init.backbone_only)
 
 
+def epoch_shuffle(config: TrainConfig, epoch: int, rank: int) -> dict[str, Any]:
+    """`iter_batches` arguments of an epoch's local shuffle: a new order each epoch, the same
+    order for the same (seed, epoch, rank)."""
+    if config.shuffle_rows <= 0:
+        return {}
+    seed = int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0])
+    return {"local_shuffle_buffer_size": config.shuffle_rows, "local_shuffle_seed": seed}
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; `loop_config` is built by `fit`."""
     config: TrainConfig = loop_config["train"]
@@ -88,8 +97,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         model.train()
         started, sums, batches = time.perf_counter(), {}, 0
-        for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
-                                        drop_last=False):
+        for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy", drop_last=False,
+                                        **epoch_shuffle(config, epoch, rank)):
             images, masks = augment.batch(batch["rgb"], batch["mask"] if task.uses_mask else None)
             tensors = {"tags": torch.as_tensor(np.stack(batch["tags"]), dtype=torch.float32)}
             if masks is not None:
