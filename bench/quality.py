@@ -45,7 +45,7 @@ from psa_ray.train.tasks import Init  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json")
 REPORT_PICTURES = 2   # report pictures of the pseudo labels copied beside the results
 VARIANTS = ("cam", "cam_crf", "rw", "rw_crf")
-DEFAULT_IMAGES = {"birds": 400, "hard": 320}   # 3/4 of them train: the job's own corpus sizes
+DEFAULT_IMAGES = {"birds": 800, "hard": 640}   # 3/4 of them train: the job's own corpus sizes
 ABLATIONS = {"beta": (2.0, 4.0, 16.0), "t": (16, 64, 1024), "radius": (3, 4), "alpha": (8.0, 32.0)}
 
 

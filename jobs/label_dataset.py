@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "classes told by head colour) or hard (classes told by texture and shape, "
                         "several small objects on cluttered backgrounds)")
     p.add_argument("--synthetic-images", type=int,
-                   help="size of the built-in corpus (default: 300 birds, 240 hard)")
+                   help="size of the built-in corpus (default: 600 birds, 480 hard)")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per network")
     p.add_argument("--epochs", type=int, help="override every network's epochs (quick trials)")
     p.add_argument("--crop-size", type=int, help="override every network's training crop (quick trials)")

@@ -1,7 +1,8 @@
 """The paper preset end to end on psa's backbone (issue 14): ResNet-38 from a state dict in psa's
 key layout, DeepLab-LargeFOV on its labels, on a few small images with 1 epoch, tiny crops and one
-CAM scale, on CPU (ResNet-50 from torchvision's layout: `test_models.py`, `test_recipe.py`). Checks that every stage ran, every row is accounted for, and that psa's
-recipe held on the way: frozen BatchNorm and stem, seed-score files, psa's settings in run.json."""
+CAM scale, on CPU (ResNet-50 from torchvision's layout: `test_models.py`, `test_recipe.py`).
+Checks that every stage ran, every row is accounted for, and that psa's recipe held on the way:
+frozen BatchNorm and stem, seed-score files, psa's settings in run.json."""
 from __future__ import annotations
 
 import json

@@ -53,7 +53,7 @@ CLASS_NAMES: tuple[str, ...] = ("zebra", "leopard", "giraffe", "chessboard", "bu
 class HardConfig:
     """Size and look of the corpus. Fractions of the image are of its area, lengths of its short side."""
 
-    num_images: int = 240
+    num_images: int = 480
     seed: int = 0
     min_size: int = 96                                  # height and width each uniform in [min, max]
     max_size: int = 160

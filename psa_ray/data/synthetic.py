@@ -54,7 +54,7 @@ CLASS_NAMES: tuple[str, ...] = ("cardinal", "goldfinch", "mallard", "kingfisher"
 class SyntheticConfig:
     """Size and look of the corpus. Fractions of the image are of its area, lengths of its short side."""
 
-    num_images: int = 300
+    num_images: int = 600
     seed: int = 0
     min_size: int = 96                                  # height and width each uniform in [min, max]
     max_size: int = 160
