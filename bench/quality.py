@@ -45,7 +45,8 @@ from psa_ray.train.tasks import Init  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json")
 REPORT_PICTURES = 2   # report pictures of the pseudo labels copied beside the results
 VARIANTS = ("cam", "cam_crf", "rw", "rw_crf")
-DEFAULT_IMAGES = {"birds": 800, "hard": 640}   # 3/4 of them train: the job's own corpus sizes
+# each corpus's size by default: 4/3 of the job's, so that the 3/4 that train match the job's corpus
+DEFAULT_IMAGES = {name: config().num_images * 4 // 3 for name, config in CORPORA.items()}
 ABLATIONS = {"beta": (2.0, 4.0, 16.0), "t": (16, 64, 1024), "radius": (3, 4), "alpha": (8.0, 32.0)}
 
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", nargs="+", choices=sorted(CORPORA), default=["birds", "hard"],
                    help="the built-in corpora to measure, one after the other")
     p.add_argument("--images", type=int,
-                   help="corpus size (default: 400 birds, 320 hard); 3/4 train, 1/4 val")
+                   help="corpus size (default: " + ", ".join(f"{n} {name}" for name, n in DEFAULT_IMAGES.items())
+                   + "); 3/4 train, 1/4 val")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--epochs", type=int, help="override every network's epochs")
     p.add_argument("--labels-only", action="store_true",

@@ -14,6 +14,7 @@ import sys
 
 from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
 from psa_ray.config import PRESETS
+from psa_ray.data import CORPORA
 from psa_ray.errors import run_job
 from psa_ray.io.redact import redact
 from psa_ray.models.backbones import BACKBONES
@@ -47,12 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the training sample the CAM network does not train on; its tag AP "
                         "per class on them is in run.json (cam_held_out); 0: none")
     p.add_argument("--shard-rows", type=int, help="rows per shards/*.parquet file (default 2048)")
-    p.add_argument("--corpus", choices=["birds", "hard"],
+    p.add_argument("--corpus", choices=sorted(CORPORA),
                    help="the built-in synthetic corpus of a run without --input: birds (default; "
                         "classes told by head colour) or hard (classes told by texture and shape, "
                         "several small objects on cluttered backgrounds)")
     p.add_argument("--synthetic-images", type=int,
-                   help="size of the built-in corpus (default: 600 birds, 480 hard)")
+                   help="size of the built-in corpus (default: "
+                        + ", ".join(f"{config().num_images} {name}" for name, config in CORPORA.items()) + ")")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per network")
     p.add_argument("--epochs", type=int, help="override every network's epochs (quick trials)")
     p.add_argument("--crop-size", type=int, help="override every network's training crop (quick trials)")

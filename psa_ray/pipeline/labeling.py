@@ -60,7 +60,7 @@ class LabelJob:
     held_out: float = 0.1              # share of the sample the CAM network does not train on (its tag AP)
     shard_rows: int | None = None      # rows per shards/ file (default: the preset's)
     corpus: str | None = None          # the built-in corpus without an input: birds (None) or hard
-    synthetic_images: int | None = None  # its size (None: the corpus's own, 600 birds, 480 hard)
+    synthetic_images: int | None = None  # its size (None: the corpus config's own `num_images`)
     train_workers: int | None = None
     epochs: int | None = None          # override every network's epochs (quick trials, tests)
     crop_size: int | None = None       # override every network's training crop (quick trials, tests)
