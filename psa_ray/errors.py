@@ -7,10 +7,12 @@ parse (`io.manifest.ManifestError`), weights or checkpoints that cannot be read 
 anything else keeps its traceback (status 1). Both are redacted (`io.redact.redact`). A
 UserError raised in a Ray worker (a training worker that cannot read `--backbone-weights`, an
 actor whose checkpoint does not load) reaches the driver wrapped in Ray's errors; `user_error`
-finds it there.
+finds it there, also where only its text came back (a Ray Data function's error, which Ray Data
+wraps in a UserCodeException without its cause).
 """
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from typing import Callable
@@ -20,6 +22,20 @@ from psa_ray.io.redact import redact
 
 class UserError(ValueError):
     """A problem with what the user gave; the message names it (and the file or option)."""
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*): (.+)$", re.MULTILINE)
+
+
+def _user_error_in_text(text: str) -> UserError | None:
+    """The last `<module>.<UserError subclass>: message` line of a remote traceback's text."""
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    found = [m.group(2) for m in _ERROR_LINE.finditer(text) if m.group(1) in names]
+    return UserError(found[-1]) if found else None
 
 
 def user_error(error: BaseException) -> UserError | None:
@@ -34,6 +50,8 @@ def user_error(error: BaseException) -> UserError | None:
         seen.add(id(e))
         if isinstance(e, UserError):
             return e
+        if type(e).__module__.startswith("ray.") and (found := _user_error_in_text(str(e))):
+            return found
         linked = [e.__cause__, e.__context__, getattr(e, "cause", None),
                   *(getattr(e, "worker_failures", None) or {}).values()]
         todo += [x for x in linked if isinstance(x, BaseException)]

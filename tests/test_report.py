@@ -86,7 +86,7 @@ def test_legend_lists_values_present_with_names_and_palette_colours():
 
 # --------------------------------------------------------------------------- report
 
-def test_write_report_draws_labeled_samples_and_an_index(tmp_path, save_network):
+def test_write_report_draws_labeled_samples_and_an_index(ray_cluster, tmp_path, save_network):
     corpus_root, output = str(tmp_path / "corpus"), str(tmp_path / "out")
     corpus, _ = read_corpus(write_corpus(corpus_root, SyntheticConfig(num_images=4, seed=2)))
     rows = corpus_rows(corpus, join(corpus_root, "gt"))

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+import subprocess
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from psa_ray.config import TrainConfig, to_dict
+from psa_ray.errors import UserError
 from psa_ray.io.storage import join, read_bytes, write_bytes
 from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from psa_ray.models.networks import build_network
 from psa_ray.models.weights import WeightsError, load_weights, read_state
 
 MODEL_FILE, META_FILE = "model.pt", "meta.json"
+MIN_DRIVER = {"12": "525", "13": "580"}  # CUDA major version -> the oldest NVIDIA driver that runs it
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -44,10 +47,11 @@ def network_meta(kind: str, config: TrainConfig, class_names: list[str], radius:
 
 
 def export_network(state: dict[str, torch.Tensor], meta: dict[str, Any], folder: str) -> str:
-    """Write a network's state dict and its meta.json (`network_meta`) to `<folder>/model.pt` and
-    `<folder>/meta.json` (a local folder or s3:// prefix); returns the weights URI."""
+    """Write a network's state dict (its tensors copied to the CPU, wherever they were) and its
+    meta.json (`network_meta`) to `<folder>/model.pt` and `<folder>/meta.json` (a local folder or
+    s3:// prefix); returns the weights URI."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)  # loadable on a CPU-only head
     weights = join(folder, MODEL_FILE)
     write_bytes(weights, buffer.getvalue())
     write_bytes(join(folder, META_FILE), json.dumps(meta).encode())
@@ -89,15 +93,84 @@ def load_trained(weights_uri: str, device: torch.device | str = "cpu") -> nn.Mod
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
-def inference_device() -> torch.device:
-    """The device a process runs its networks on: its GPU if Ray gave it one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class GpuUnusableError(UserError):
+    """A GPU this process was given that the installed torch cannot use (driver, compute capability)."""
+
+
+def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether torch built for `arch_list` (`torch.cuda.get_arch_list()`: sm_XY kernels, compute_XY
+    PTX) runs on a GPU of compute `capability`: an sm_XY kernel runs on X.Y up to X.9, PTX on X.Y and up."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit():
+            continue
+        arch_major, arch_minor = int(number[:-1]), int(number[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _gpu_facts() -> str:
+    """The GPUs' name, compute capability and driver version, as nvidia-smi reports them."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nvidia-smi failed ({type(e).__name__}), GPU and driver unknown"
+    return "name, compute capability, driver: " + "; ".join(out.strip().splitlines())
+
+
+def _cuda_init_error() -> str:
+    """Why CUDA does not initialise, as torch says it."""
+    try:
+        torch.zeros(1, device="cuda")
+    except Exception as e:  # noqa: BLE001 - the reason is the message
+        return f"{type(e).__name__}: {e}"
+    return "torch.cuda.is_available() is false"
+
+
+def cuda_requirements() -> str:
+    """What the installed torch needs of a GPU: its compute capabilities and the minimum driver."""
+    cuda = torch.version.cuda or "none"
+    driver = MIN_DRIVER.get(cuda.split(".")[0], "?")
+    return (f"torch {torch.__version__} is built for CUDA {cuda} (NVIDIA driver {driver} or newer) with "
+            f"kernels for {' '.join(torch.cuda.get_arch_list()) or 'no GPU'}")
+
+
+def check_cuda(granted_gpus: Sequence[object]) -> None:
+    """Raise GpuUnusableError unless CUDA works here and the installed torch has kernels for the
+    GPU; `granted_gpus`: the GPUs Ray gave this process (`ray.get_gpu_ids()`), named in the error."""
+    if not torch.cuda.is_available():
+        problem = f"CUDA does not work here ({_cuda_init_error()})"
+    else:
+        capability = torch.cuda.get_device_capability()
+        if arch_supported(capability, torch.cuda.get_arch_list()):
+            return
+        problem = f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]}"
+    given = f"Ray gave this process GPU {list(granted_gpus)}" if granted_gpus else "this process sees a GPU"
+    raise GpuUnusableError(f"{given}, but {problem}. {_gpu_facts()}. "
+                           f"{cuda_requirements()}; see infra/README.md (GPU nodes). Not falling back "
+                           "to the CPU.")
+
+
+def inference_device(granted_gpus: Sequence[object] = ()) -> torch.device:
+    """The device a process runs its networks on: CUDA if Ray gave it a GPU (`granted_gpus`,
+    `ray.get_gpu_ids()`) or CUDA works here, else the CPU. A GPU that the installed torch cannot
+    use is a GpuUnusableError (`check_cuda`), never a silent fall back to the CPU."""
+    if not granted_gpus and not torch.cuda.is_available():
+        return torch.device("cpu")
+    check_cuda(granted_gpus)
+    return torch.device("cuda")
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 convolutions natively (faster than float32)."""
+    """Whether `device` computes bf16 convolutions natively (faster than float32): CUDA compute
+    capability 8.0+ (`torch.cuda.is_bf16_supported()` is also true where bf16 is emulated, slowly)."""
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -1,7 +1,8 @@
 """Ray Data actors: thin adapters that load the networks once and call `psa_ray.ops.pseudo_labels`.
 
 Every row is handled on its own: a row that fails gets `error`/`message` set and passes on, so one
-bad image never fails the dataset and every input row reaches the writer.
+bad image never fails the dataset and every input row reaches the writer; but a CUDA error fails
+the actor, and a stage whose rows mostly fail stops the job (`row_errors`).
 """
 from __future__ import annotations
 
@@ -24,27 +25,42 @@ from psa_ray.ops.pseudo_labels import (
     STRIDE, blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, seed_crf_scores,
     seed_label, tagged_cams, upsample_scores, walk_scores, walk_size)
 from psa_ray.ops.quality import edge_band, label_quality
-from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
+from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
 from psa_ray.pipeline.readers import object_column
+from psa_ray.pipeline.row_errors import ErrorRate, fatal_device_error, free_device_memory, out_of_memory, stage_guard
+from psa_ray.train.loop import ray_device
 from psa_ray.pipeline.writers import EVAL_VARIANTS, class_fractions, shard_columns, shard_defaults
 
 
 def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[str, Any]],
-             columns: dict[str, Any]) -> dict[str, Any]:
-    """Run fn(i) for each row without an error; collect its outputs (defaults for failed rows)."""
+            columns: dict[str, Any], guard: ErrorRate | None = None) -> dict[str, Any]:
+    """Run fn(i) for each row without an error; collect its outputs (defaults for failed rows).
+
+    A CUDA error other than out-of-memory is raised (`row_errors.fatal_device_error`: the actor
+    fails and Ray restarts it); every row is counted by the stage's error-rate guard (`guard`,
+    default `row_errors.stage_guard(stage)`), which stops the job when most rows fail.
+    """
+    guard = stage_guard(stage) if guard is None else guard
     n = len(batch["image_id"])
     out: dict[str, list] = {k: [default] * n for k, default in columns.items()}
     stages, errors, messages = list(batch["stage"]), list(batch["error"]), list(batch["message"])
     for i in range(n):
         if errors[i]:
             continue
+        oom = False
         try:
             for key, value in fn(i).items():
                 out[key][i] = value
         except Exception as e:  # noqa: BLE001 - a bad row must not fail the dataset
+            if fatal_device_error(e):
+                raise
+            oom = out_of_memory(e)
             stages[i], errors[i] = stage, type(e).__name__
             messages[i] = redact(f"{type(e).__name__}: {e}")[:500]
-            traceback.print_exc()
+            print(redact(traceback.format_exc()), file=sys.stderr)
+        if oom:
+            free_device_memory()  # here, after the except block has released the failed call's frames
+        guard.record(bool(errors[i]), messages[i])
     result = dict(batch)
     for key, values in out.items():
         result[key] = object_column(values)
@@ -56,17 +72,27 @@ def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]]
               columns: dict[str, Any]) -> dict[str, Any]:
     """`per_row` for an fn that handles several rows in one call (fn(rows) -> one dict per row).
 
-    All rows without an error go in one call; if it raises, each row is redone alone, so that
-    only the rows that fail by themselves become error rows.
+    All rows without an error go in one call; if it raises, each row is redone alone (smaller
+    pieces after an out-of-memory error, the cache freed first), so that only the rows that fail
+    by themselves become error rows. The retry runs after the except block, which would otherwise
+    keep the failed call's tensors alive through its traceback. A CUDA error other than
+    out-of-memory is raised (`per_row`).
     """
     rows = [i for i, error in enumerate(batch["error"]) if not error]
+    failure, oom = "", False
     try:
         done = dict(zip(rows, fn(rows))) if rows else {}
     except Exception as e:  # noqa: BLE001 - find the bad rows one by one
-        print(f"[{stage}] a batch of {len(rows)} rows failed ({type(e).__name__}: {redact(str(e))[:200]}); "
-              f"redoing its rows one by one", file=sys.stderr)
-        return per_row(batch, stage, lambda i: fn([i])[0], columns)
-    return per_row(batch, stage, done.__getitem__, columns)
+        if fatal_device_error(e):
+            raise
+        failure = f"{type(e).__name__}: {redact(str(e))[:200]}"
+        oom = out_of_memory(e)
+    if not failure:
+        return per_row(batch, stage, done.__getitem__, columns)
+    if oom:
+        free_device_memory()
+    print(f"[{stage}] a batch of {len(rows)} rows failed ({failure}); redoing its rows one by one", file=sys.stderr)
+    return per_row(batch, stage, lambda i: fn([i])[0], columns)
 
 
 class NetworkActor:
@@ -75,7 +101,7 @@ class NetworkActor:
 
     def __init__(self, cam_weights: str, cam: CamConfig, affinity_weights: str | None = None,
                  walk: WalkConfig | None = None, mixed_precision: bool = True):
-        self.device = inference_device()
+        self.device = ray_device()
         self.autocast = autocast_dtype(self.device, mixed_precision)
         self.cam_net = load_trained(cam_weights, self.device)
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None

@@ -31,7 +31,8 @@ from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
 from psa_ray.pipeline.writers import (
     LabelSink, committed_ids, error_table, shard_columns, shard_defaults, write_row_files, write_table)
 from psa_ray.models.inference import (
-    autocast_dtype, check_weights, inference_device, load_trained, read_meta, to_tensor)
+    autocast_dtype, check_weights, load_trained, read_meta, to_tensor)
+from psa_ray.train.loop import ray_device
 
 
 class SegmentActor:
@@ -39,7 +40,7 @@ class SegmentActor:
     batch at once (`per_batch`)."""
 
     def __init__(self, checkpoint: str):
-        self.device = inference_device()
+        self.device = ray_device()
         self.model = load_trained(checkpoint, self.device)
         self.autocast = autocast_dtype(self.device, mixed_precision=True)
         self.class_names = list(read_meta(checkpoint)["class_names"])

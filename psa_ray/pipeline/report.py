@@ -5,9 +5,11 @@ ground truth (the CAM network's held-out tag AP, seed and label statistics); the
 ground truth was known; "check these first", the pictures of the least trustworthy images (lowest
 per-image quality score, `report/review.csv` lists more); and pictures of a few samples.
 A picture (`report/<image_id>.png`) is image | CAM | random walk | final label | ground truth,
-each titled, with a legend of the classes present. CAM and walk are recomputed here, in this
-process, with the same library functions and networks as the pipeline's actors (it is a few
-images); the final label is the one the pipeline wrote to `<output>/labels/`.
+each titled, with a legend of the classes present. CAM and walk are recomputed for these few
+images in one Ray task on a worker (a GPU one if the cluster has GPUs), never on the driver (the
+head), with the same library functions and networks as the pipeline's actors, on the images
+shrunk to the pipeline's `max_side`; the final label is the one the pipeline wrote to
+`<output>/labels/`.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import ray
 import torch
 
 from psa_ray.config import Preset
-from psa_ray.io.images import decode_image, encode_png
+from psa_ray.io.images import decode_scaled, encode_png, resize_label
 from psa_ray.io.palette import colorize, decode_label_png
 from psa_ray.io.storage import exists, join, read_bytes, write_bytes
 from psa_ray.io.redact import redact
@@ -32,7 +35,8 @@ from psa_ray.pipeline.actors import ground_truth
 from psa_ray.pipeline.quality import statistics_notes, statistics_rows
 from psa_ray.pipeline.scoring import metrics_rows
 from psa_ray.pipeline.tables import Table, html_table, text_table
-from psa_ray.models.inference import autocast_dtype, inference_device, load_trained, to_tensor
+from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
+from psa_ray.train.loop import ray_device
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
 
@@ -148,6 +152,37 @@ def html_report(title: str, intro: Sequence[str], sections: Sequence[Section]) -
     return "\n".join(out + ["</body></html>"])
 
 
+def draw_pictures(rows: Sequence[dict[str, Any]], output: str, preset: Preset, cam_weights: str,
+                  affinity_weights: str, class_names: list[str]) -> dict[str, str]:
+    """The pictures of `rows` (`sample_panels`) written to `<output>/report/<image_id>.png`, each
+    image shrunk to the pipeline's `max_side` (its labels with it); returns {image_id: reason} of
+    those that could not be drawn (unreadable image, sizes that differ). Runs the networks: call
+    it in a Ray task (`write_report`), not on the driver."""
+    folder, labels = join(output, "report"), join(output, "labels")
+    device = ray_device()
+    cam_net = load_trained(cam_weights, device)
+    affinity_net = load_trained(affinity_weights, device)
+    failed = {}
+    for row in rows:
+        image_id = row["image_id"]
+        try:
+            image = decode_scaled(read_bytes(str(row["image"])), max_side=preset.pipeline.max_side)
+            height, width = image.rgb.shape[:2]
+            final = decode_label_png(read_bytes(join(labels, f"{image_id}.png")))
+            gt = ground_truth(row.get("gt_uri", ""))
+            for name, label in (("label", final), ("ground truth", gt)):
+                if label is not None and label.shape != (image.height, image.width):
+                    raise ValueError(f"{name} {label.shape} does not match image {(image.height, image.width)}")
+            picture = sample_panels(image.rgb, np.asarray(row["tags"]), resize_label(final, height, width),
+                                    None if gt is None else resize_label(gt, height, width), cam_net, affinity_net,
+                                    preset, class_names)
+        except Exception as e:  # noqa: BLE001 - one bad sample must not lose the others
+            failed[image_id] = redact(f"{type(e).__name__}: {e}")[:300]
+            continue
+        write_bytes(join(folder, f"{image_id}.png"), encode_png(picture))
+    return failed
+
+
 def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_weights: str,
                  affinity_weights: str, class_names: list[str], summary: dict[str, Any],
                  metrics: dict[str, Any] | None, review: Sequence[dict[str, Any]] = (),
@@ -158,13 +193,18 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
     rows: `readers.corpus_rows` dicts (image_id, image, tags multi-hot, tag_names, gt_uri), the
     samples (the first `num_samples` with a label in labels/); review: the least trustworthy
     images first (`quality.review_rows`: those dicts and `quality`), pictured up to
-    `num_review_pictures`. A sample that cannot be drawn (unreadable image, sizes that differ)
-    is listed with the reason instead of failing the report.
+    `num_review_pictures`. The pictures are drawn in one Ray task (`draw_pictures`, with the
+    resources of a network actor). A sample that cannot be drawn is listed with the reason
+    instead of failing the report.
     """
     folder, labels = join(output, "report"), join(output, "labels")
-    device = inference_device()
-    cam_net = load_trained(cam_weights, device)
-    affinity_net = load_trained(affinity_weights, device)
+    reviewed = list(review[:num_review_pictures])
+    samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]
+    unique = list({r["image_id"]: r for r in [*reviewed, *samples]}.values())
+    p = preset.pipeline
+    task = ray.remote(draw_pictures).options(
+        num_cpus=p.gpu_actor_cpus, num_gpus=p.gpu_actor_gpus if ray.cluster_resources().get("GPU", 0) else 0)
+    not_drawn = ray.get(task.remote(unique, output, preset, cam_weights, affinity_weights, class_names))
     written: list[str] = []
     failed: list[str] = []
 
@@ -172,21 +212,10 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
         out = []
         for row in picked:
             image_id = row["image_id"]
-            try:
-                rgb = decode_image(read_bytes(str(row["image"])))
-                final = decode_label_png(read_bytes(join(labels, f"{image_id}.png")))
-                gt = ground_truth(row.get("gt_uri", ""))
-                for name, label in (("label", final), ("ground truth", gt)):
-                    if label is not None and label.shape != rgb.shape[:2]:
-                        raise ValueError(f"{name} {label.shape} does not match image {rgb.shape[:2]}")
-                picture = sample_panels(rgb, np.asarray(row["tags"]), final, gt, cam_net, affinity_net,
-                                        preset, class_names)
-            except Exception as e:  # noqa: BLE001 - one bad sample must not lose the others
-                failed.append(f"{image_id}: {redact(f'{type(e).__name__}: {e}')[:300]}")
+            if image_id in not_drawn:
+                failed.append(f"{image_id}: {not_drawn[image_id]}")
                 continue
-            uri = join(folder, f"{image_id}.png")
-            write_bytes(uri, encode_png(picture))
-            written.append(uri)
+            written.append(join(folder, f"{image_id}.png"))
             names = ", ".join(tag_names(np.asarray(row["tags"]), class_names))
             out.append((f"{image_id}.png", f"{image_id} ({names})" + caption.format(**row)))
         return out
@@ -198,8 +227,7 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
             "Check these first", lines=[
                 "The images of lowest quality score (shards/ column `quality`; review.csv lists "
                 f"the {len(review)} lowest): where a person should look or correct first."],
-            pictures=pictures(review[:num_review_pictures], ", quality {quality:.2f}")))
-    samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]
+            pictures=pictures(reviewed, ", quality {quality:.2f}")))
     sections.append(Section("Samples", lines=[
         "Each picture: image (with its tags) | CAM of the tagged classes, argmax with background "
         f"(1 - max)^{preset.walk.alpha:g} | random walk (AffinityNet, beta {preset.walk.beta:g}, "

@@ -7,15 +7,16 @@ import numpy as np
 import ray
 import torch
 
-from psa_ray.models.inference import inference_device, load_trained, to_tensor
+from psa_ray.models.inference import load_trained, to_tensor
 from psa_ray.ops.metrics import average_precision
+from psa_ray.train.loop import ray_device
 
 
 class TagScores:
     """Ray Data actor: a CAM network's tag probabilities [C] of each decoded row (whole image, one scale)."""
 
     def __init__(self, weights_uri: str):
-        self.device = inference_device()
+        self.device = ray_device()
         self.model = load_trained(weights_uri, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,8 +2,8 @@
 
 `fit` is the driver side (TorchTrainer, scaling, storage, failure handling); `train_loop_per_worker`
 runs on each worker: the torchvision-references style loop of SGD with a poly schedule, 10x rate
-on new layers, bf16 autocast on GPU, and a checkpoint every epoch that a restarted run resumes from.
-"""
+on new layers, mixed precision per device (`train_precision`), and a checkpoint every epoch that a
+restarted run resumes from (`restore_checkpoint`)."""
 from __future__ import annotations
 
 import math
@@ -21,12 +21,25 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from psa_ray.config import TrainConfig
 from psa_ray.io.storage import join
-from psa_ray.models.inference import MODEL_FILE, export_network, network_meta
+from psa_ray.models.inference import (
+    MODEL_FILE, check_cuda, export_network, inference_device, native_bf16, network_meta)
 from psa_ray.models.networks import build_network
 from psa_ray.models.weights import load_weights
 from psa_ray.train.tasks import Init, freezes_pretrained, get_task
 
 STATE_FILE = "train_state.pt"
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def granted_gpus() -> list[Any]:
+    """The GPUs Ray gave the calling process (none outside Ray)."""
+    return ray.get_gpu_ids() if ray.is_initialized() else []
+
+
+def ray_device() -> torch.device:
+    """`inference_device` of the calling Ray worker or actor: a GPU Ray gave it that CUDA cannot
+    use is an error, not a fall back to the CPU."""
+    return inference_device(granted_gpus())
 
 
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
@@ -51,6 +64,28 @@ def _init_weights(model: torch.nn.Module, config: TrainConfig, init: Init | None
         load_weights(model.backbone if init.backbone_only else model, init.uri, strict=not init.backbone_only)
 
 
+def restore_checkpoint(model: torch.nn.Module, folder: str, device: torch.device,
+                       config: TrainConfig) -> tuple[torch.optim.SGD, dict[str, Any]]:
+    """Resume from a checkpoint `folder`: its weights loaded into `model`, the model moved to
+    `device`, and only then the optimizer built and its saved state loaded, so that its momentum
+    buffers follow the parameters onto `device` (built before the move, they would stay on the
+    CPU). Returns (optimizer, the saved training state)."""
+    model.load_state_dict(torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True))
+    state: dict[str, Any] = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    optimizer = make_optimizer(model.to(device), config)
+    optimizer.load_state_dict(state["optimizer"])
+    return optimizer, state
+
+
+def train_precision(device: torch.device, mixed_precision: bool) -> str:
+    """The training precision on `device`: "bf16" where it computes bf16 natively (CUDA compute
+    capability 8.0+), "fp16" with a gradient scaler on other CUDA GPUs, else "fp32" (the CPU, or
+    mixed precision off)."""
+    if not mixed_precision or device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
 def epoch_shuffle(config: TrainConfig, epoch: int, rank: int) -> dict[str, Any]:
     """`iter_batches` arguments of an epoch's local shuffle: a new order each epoch, the same
     order for the same (seed, epoch, rank)."""
@@ -68,22 +103,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
     device = get_device()
+    if granted_gpus():
+        check_cuda(granted_gpus())  # get_device() would fall back to the CPU without a word
 
     model = build_network(task.kind, config.backbone, loop_config["num_classes"], config.segmentation_head)
     if freezes_pretrained(config, loop_config.get("init")):
         model.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
-    optimizer = make_optimizer(model, config)
+    precision = train_precision(device, config.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, step, first_loss = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            model.load_state_dict(torch.load(os.path.join(folder, MODEL_FILE), weights_only=True))
-            state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+            optimizer, state = restore_checkpoint(model, folder, device, config)
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step, first_loss = int(state["epoch"]), int(state["step"]), state["first_loss"]
     else:
         _init_weights(model, config, loop_config.get("init"))
-    model = prepare_model(model.to(device))
+        optimizer = make_optimizer(model.to(device), config)
+    model = prepare_model(model)
     core = model.module if hasattr(model, "module") else model
 
     # here, in the worker: the driver (which only plans Ray Train) never loads torchvision (~165 MB)
@@ -91,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     augment = TrainAugment(config)
     per_worker_batch = max(1, config.batch_size // world)
     max_steps = max(1, loop_config["steps_per_epoch"] * config.epochs)
-    autocast = device.type == "cuda" and config.mixed_precision
+    autocast = PRECISION_DTYPES[precision]
     shard = ray.train.get_dataset_shard("train")
 
     for epoch in range(start_epoch, config.epochs):
@@ -108,11 +147,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr = poly_lr(config.lr, step, max_steps, config.poly_power)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 loss, parts = task.loss(model, images, tensors)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             batches += 1
             for key, value in parts.items():
@@ -121,13 +161,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = {k: v / max(batches, 1) for k, v in sums.items()}
         first_loss = metrics.get("loss") if first_loss is None else first_loss
         metrics.update(epoch=epoch + 1, step=step, first_loss=first_loss, resumed_from_epoch=start_epoch,
-                       epoch_seconds=time.perf_counter() - started)
+                       epoch_seconds=time.perf_counter() - started, precision=precision)
         last = epoch + 1 == config.epochs
         if rank == 0 and (last or (epoch + 1) % config.checkpoint_every_epochs == 0):
             with tempfile.TemporaryDirectory() as folder:
                 export_network(core.state_dict(), loop_config["meta"], folder)
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                            "first_loss": first_loss}, os.path.join(folder, STATE_FILE))
+                torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                            "step": step, "first_loss": first_loss}, os.path.join(folder, STATE_FILE))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
@@ -164,7 +204,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)
+        state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
     return export_network(state, meta, join(storage, kind)), dict(result.metrics or {})
 
 
