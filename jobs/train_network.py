@@ -34,7 +34,8 @@ def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL when > 1 worker)")
     p.add_argument("--val-fraction", type=float, default=0.0 if spec.mask_folder else 0.25,
                    help="held-out fraction" + ("" if spec.mask_folder else " for classification mAP"))
-    p.add_argument("--synthetic-images", type=int, default=300)
+    p.add_argument("--synthetic-images", type=int,
+                   help="size of the built-in corpus (default: the labeling job's); never written over another")
     p.add_argument("--endpoint-url", help="S3 endpoint override; default: AWS_ENDPOINT_URL")
     return p.parse_args(argv)
 

@@ -13,14 +13,14 @@ def test_confusion_matrix_by_hand() -> None:
     gt = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
     cm = confusion_matrix(pred, gt, 4)
-    expected = np.zeros((4, 4), np.int64)
+    expected = np.zeros((4, 5), np.int64)  # the last column: predictions outside the classes
     expected[0, 0] = 1  # gt 0 -> 0
     expected[0, 1] = 1  # gt 0 -> 1
     expected[1, 1] = 2  # gt 1 -> 1 twice
     expected[1, 0] = 1  # gt 1 -> 0
     expected[2, 2] = 1  # gt 2 -> 2
     expected[2, 0] = 1  # gt 2 -> 0; the 255 pixel is skipped
-    assert cm.dtype == np.int64 and cm.shape == (4, 4)
+    assert cm.dtype == np.int64 and cm.shape == (4, 5)
     np.testing.assert_array_equal(cm, expected)
     iou = iou_per_class(cm)
     # class 0: TP 1, FP 2 (gt 1, gt 2), FN 1 -> 1/4; class 1: TP 2, FP 1, FN 1 -> 2/4;

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from psa_ray.config import PRESETS
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus
 from psa_ray.io.seeds import decode_seed
 from psa_ray.io.storage import join, list_files, read_bytes
@@ -53,7 +51,7 @@ def _frozen(key: str, frozen_modules: set[str]) -> bool:
 
 
 @pytest.mark.slow
-def test_paper_preset_runs_end_to_end_from_pretrained_weights(ray_cluster, tmp_path, monkeypatch):
+def test_paper_preset_runs_end_to_end_from_pretrained_weights(ray_cluster, tmp_path):
     backbone = "resnet38d"
     manifest = write_corpus(str(tmp_path / "corpus"),
                             SyntheticConfig(num_images=NUM_IMAGES, seed=7, min_size=40, max_size=48))
@@ -61,11 +59,8 @@ def test_paper_preset_runs_end_to_end_from_pretrained_weights(ray_cluster, tmp_p
     stem = build_backbone(backbone).stem_modules
     weights = str(tmp_path / f"{backbone}_imagenet.pth")
     torch.save(state, weights)
-    # The paper's Ray resource requests (whole CPUs per actor) are sized for clusters; on the
-    # test's 2-CPU Ray they would leave no CPU for the reads. One actor (each loads both
-    # networks, 0.4 GB each for ResNet-38) serves 4 images. psa's recipe is untouched.
-    pipeline = replace(PRESETS["demo"].pipeline, crf_pool=(1, 1))
-    monkeypatch.setitem(PRESETS, "paper", replace(PRESETS["paper"], pipeline=pipeline))
+    # The paper preset's own resources: on the test's 2-CPU Ray the CPU-only pool leaves its reads
+    # and writes room (`stages.cpu_only_pipeline`).
     output = str(tmp_path / "out")
     summary = run(LabelJob(output=output, input=manifest, gt=str(tmp_path / "corpus" / "gt"), preset="paper",
                            backbone=backbone, backbone_weights=weights, epochs=1, crop_size=32,

@@ -367,8 +367,9 @@ def test_psa_variant_scores_cams_with_a_constant_background(tmp_path):
              "error": _objects([""]), "message": _objects([""])}
     out = RefineActor(PAPER.walk, PAPER.cam.alpha_low, num_classes=1, evaluate=True)(batch)
     assert out["error"][0] == ""
-    assert out["cm_psa"][0].reshape(2, 2).tolist() == [[32, 0], [0, 32]]   # gt rows, pred columns
-    assert out["cm_cam"][0].reshape(2, 2).tolist() == [[0, 32], [0, 32]]
+    # gt rows, pred columns, and last the predictions outside the classes
+    assert out["cm_psa"][0].reshape(2, 3).tolist() == [[32, 0, 0], [0, 32, 0]]
+    assert out["cm_cam"][0].reshape(2, 3).tolist() == [[0, 32, 0], [0, 32, 0]]
 
 
 # ---- row 8: DeepLab-CRF-LargeFOV ------------------------------------------------------------------

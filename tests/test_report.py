@@ -193,9 +193,9 @@ def test_the_html_report_shows_its_tables_and_pictures_in_headless_chromium(quic
 
 def _write_scoring_folders(labels: str, gt: str) -> None:
     """Pixel pairs (gt, label), gt 255 ignored: a: (0,0) (0,1) (1,1) (1,1) (2,2) (2,0);
-    b: (1,1) (1,255) (0,0) (2,2). Hand counts (label 255 on gt 1 counts as class 2, as in
-    confusion_matrix): class 0 TP 2, gt 3, pred 3 -> 2/4; class 1 TP 3, gt 4, pred 4 -> 3/5;
-    class 2 TP 2, gt 3, pred 3 -> 2/4."""
+    b: (1,1) (1,255) (0,0) (2,2). Hand counts (label 255 on gt 1 is a miss of class 1 and no
+    class's prediction, as in confusion_matrix): class 0 TP 2, gt 3, pred 3 -> 2/4; class 1 TP 3,
+    gt 4, pred 4 -> 3/5; class 2 TP 2, gt 3, pred 2 -> 2/3."""
     pairs = {"a": ([[0, 0, 1, 1], [2, 2, 255, 255]], [[0, 1, 1, 1], [2, 0, 2, 1]]),
              "b": ([[1, 1], [0, 2]], [[1, 255], [0, 2]])}
     for image_id, (gt_map, label_map) in pairs.items():
@@ -210,12 +210,12 @@ def test_score_folders_matches_hand_counted_iou(tmp_path, s3_bucket):
     _write_scoring_folders(labels, gt)
     inferred = score_folders(labels, gt)
     assert inferred["num_classes"] == 3 and inferred["images"] == 2
-    assert inferred["iou"] == pytest.approx([0.5, 0.6, 0.5])
-    assert inferred["miou"] == pytest.approx(1.6 / 3)
+    assert inferred["iou"] == pytest.approx([0.5, 0.6, 2 / 3])
+    assert inferred["miou"] == pytest.approx((1.1 + 2 / 3) / 3)
     assert inferred["labels_without_gt"] == ["only_label"] and inferred["gt_without_labels"] == ["only_gt"]
     four = score_folders(labels, gt, num_classes=4)
-    assert four["iou"][:3] == pytest.approx([0.5, 0.6, 0.5]) and four["iou"][3] is None
-    assert four["miou"] == pytest.approx(1.6 / 3)
+    assert four["iou"][:3] == pytest.approx([0.5, 0.6, 2 / 3]) and four["iou"][3] is None
+    assert four["miou"] == pytest.approx((1.1 + 2 / 3) / 3)
     with pytest.raises(ScoringError, match="value"):
         score_folders(labels, gt, num_classes=2)                 # gt holds 2
     write_bytes(join(labels, "b.png"), encode_label_png(np.zeros((3, 2), np.uint8)))
@@ -233,12 +233,12 @@ def test_evaluate_cli_prints_table_writes_json_and_reports_unmatched(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line.split()[-1] for line in done.stdout.splitlines()[1:]}
-    assert lines == {"class": "IoU", "background": "50.0", "cat": "60.0", "dog": "50.0", "mIoU": "53.3"}
+    assert lines == {"class": "IoU", "background": "50.0", "cat": "60.0", "dog": "66.7", "mIoU": "58.9"}
     assert "1 labels have no ground truth" in done.stderr and "only_label" in done.stderr
     assert "1 ground-truth files have no label" in done.stderr and "only_gt" in done.stderr
     result = json.loads(open(out).read())
     assert result["class_names"] == ["background", "cat", "dog"]
-    assert result["miou"] == pytest.approx(1.6 / 3) and result["images"] == 2
+    assert result["miou"] == pytest.approx((1.1 + 2 / 3) / 3) and result["images"] == 2
     missing = subprocess.run(cmd + [str(tmp_path / "nowhere"), "--gt", gt], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and "no label PNGs" in missing.stderr

@@ -8,12 +8,13 @@ Class names: `classes=` or `classes.txt` beside the manifest (one per line, no b
 
 Rows that cannot be used are dropped and reported as RowError (stage "manifest") with one of
 these codes: `bad_row` (a JSONL line that is not a JSON object), `bad_id` (empty, not a string,
-longer than MAX_ID_BYTES, or holding `/`, `\\`, `..` or a control character: ids become file
-names), `duplicate_id` (the first row with an id keeps it; ids are compared after stripping
-spaces), `missing_image`, `bad_image` (not a string, an unsupported URI scheme, or an s3:// URI
-without a valid bucket and key, e.g. with credentials in it), `bad_tags` (not a list of strings),
-`no_tags`, `unknown_tag`, and for VOC `missing_annotation` / `bad_annotation`. Problems with the
-manifest as a whole raise ManifestError. Messages and error rows are redacted (`io.redact`).
+longer than MAX_ID_BYTES, beginning with `.` (a hidden file) or holding `/`, `\\`, `..` or a
+control character: ids become file names), `duplicate_id` (the first row with an id keeps it;
+ids are compared after stripping spaces), `missing_image`, `bad_image` (not a string, an
+unsupported URI scheme, or an s3:// URI without a valid bucket and key, e.g. with credentials in
+it), `bad_tags` (not a list of strings), `no_tags`, `unknown_tag`, and for VOC
+`missing_annotation` / `bad_annotation`. Problems with the manifest as a whole raise
+ManifestError. Messages and error rows are redacted (`io.redact`).
 """
 from __future__ import annotations
 
@@ -389,9 +390,9 @@ _NOT_NORMAL_PATH = r"(^|/)\.{1,2}(/|$)|//|^/|/$|://"
 def plain_rows(table: pa.Table, class_names: list[str], base: str) -> np.ndarray:
     """Mask (n,) of the rows of an (image_id, image, tags) table that `check_record` accepts
     unchanged, their image resolving to `base.rstrip("/") + "/" + image` (base absolute):
-    printable ASCII id and image with nothing to strip, an id of at most MAX_ID_BYTES without
-    '/', '\\' or '..', a relative image path that is already normal, and tags that are known class
-    names, none repeated. Found with Arrow kernels (the common case, at a fraction of
+    printable ASCII id and image with nothing to strip, an id of at most MAX_ID_BYTES not beginning
+    with '.' and without '/', '\\' or '..', a relative image path that is already normal, and tags
+    that are known class names, none repeated. Found with Arrow kernels (the common case, at a fraction of
     check_record's cost); every other row goes through check_record."""
     ids, images, tags = (table.column(name) for name in ("image_id", "image", "tags"))
     if not (_resolve_image("x", base) == base.rstrip("/") + "/x"
@@ -401,6 +402,7 @@ def plain_rows(table: pa.Table, class_names: list[str], base: str) -> np.ndarray
     ok = pc.and_kleene(pc.match_substring_regex(ids, _PLAIN_TEXT), pc.less_equal(pc.binary_length(ids), MAX_ID_BYTES))
     for bad in ("/", "\\", ".."):
         ok = pc.and_kleene(ok, pc.invert(pc.match_substring(ids, bad)))
+    ok = pc.and_kleene(ok, pc.invert(pc.starts_with(ids, ".")))
     ok = pc.and_kleene(ok, pc.match_substring_regex(images, _PLAIN_TEXT))
     ok = pc.and_kleene(ok, pc.invert(pc.match_substring_regex(images, _NOT_NORMAL_PATH)))
     ok = pc.and_kleene(ok, pc.greater(pc.list_value_length(tags), 0))
@@ -428,6 +430,8 @@ def id_problem(image_id: Any) -> str | None:
     for bad, what in (("/", "'/'"), ("\\", "'\\'"), ("..", "'..'")):
         if bad in image_id:
             return f"image_id {image_id!r} contains {what} (it becomes a file name)"
+    if image_id.startswith("."):
+        return f"image_id {image_id!r} begins with '.' (its label would be a hidden file, which ls and globs skip)"
     if _CONTROL_CHARACTER.search(image_id):
         return f"image_id {image_id!r} contains a control character (it becomes a file name)"
     return None

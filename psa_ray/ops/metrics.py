@@ -5,11 +5,12 @@ import numpy as np
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """pred, gt [...] int label maps of one shape -> [num_classes, num_classes] int64 (rows gt, cols pred).
+    """pred, gt [...] int label maps of one shape -> [K, K + 1] int64 counts, K = num_classes:
+    rows gt, columns pred 0..K-1, and last the predictions outside 0..K-1 (e.g. 255).
 
-    Pixels whose gt is `ignore_index` are skipped. A prediction outside 0..num_classes-1 (e.g.
-    255) is never right: it is counted as a confusion of its gt class g with class
-    (g + 1) % num_classes.
+    Pixels whose gt is `ignore_index` are skipped. A prediction outside the classes is never
+    right, and it is no other class's false positive: it counts against its gt class's recall
+    only (`iou_per_class`).
     """
     pred = np.asarray(pred).astype(np.int64).ravel()
     gt = np.asarray(gt).astype(np.int64)
@@ -21,18 +22,19 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_
     if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
         raise ValueError(f"gt values must be in 0..{num_classes - 1} or {ignore_index}, "
                          f"got {gt.min()}..{gt.max()}")
-    out_of_range = (pred < 0) | (pred >= num_classes)
-    pred = np.where(out_of_range, (gt + 1) % num_classes, pred)
-    counts = np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(np.int64)
+    pred = np.where((pred < 0) | (pred >= num_classes), num_classes, pred)
+    counts = np.bincount(gt * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
+    return counts.reshape(num_classes, num_classes + 1).astype(np.int64)
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
-    """Confusion matrix [n,n] -> IoU [n] float: TP / (TP + FP + FN), NaN for classes absent from
-    both gt and pred."""
+    """Confusion matrix [n,n] (or [n,n+1] with `confusion_matrix`'s column of predictions outside
+    the classes) -> IoU [n] float: TP / (TP + FP + FN), NaN for classes absent from both gt and
+    pred."""
     cm = np.asarray(cm, dtype=np.float64)
-    true_positive = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - true_positive
+    n = cm.shape[0]
+    true_positive = np.diag(cm[:, :n])
+    union = cm[:, :n].sum(axis=0) + cm.sum(axis=1) - true_positive
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, true_positive / union, np.nan)
 

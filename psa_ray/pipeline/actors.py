@@ -15,7 +15,7 @@ import torch
 
 from psa_ray.config import CamConfig, WalkConfig
 from psa_ray.io.images import resize_label
-from psa_ray.io.palette import decode_label_png, encode_label_png
+from psa_ray.io.palette import IGNORE, decode_label_png, encode_label_png
 from psa_ray.io.seeds import encode_seed_scores
 from psa_ray.io.storage import read_bytes
 from psa_ray.io.redact import redact
@@ -195,25 +195,46 @@ class RefineActor:
         refined, restored = restore_erased_classes(refined, raw_cams, class_ids, self.seed_alpha)
         label = resize_label(refined, height, width)
         out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1, quality, restored)
-        gt = ground_truth(str(batch["gt_uri"][i])) if self.evaluate else None
-        if gt is not None:
-            if gt.shape != label.shape:
-                raise ValueError(f"ground truth {gt.shape} does not match image {label.shape}")
-            cams_t = torch.from_numpy(raw_cams)[None]
-            variants = {"cam": scores_to_labels(cams, class_ids),  # the names of EVAL_VARIANTS
-                        "psa": scores_to_labels(with_constant_background(cams_t)[0].numpy(), class_ids),
-                        "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), class_ids),
-                        "rw": scores_to_labels(walked, class_ids), "rw_crf": label}
-            k = self.num_classes + 1
-            for name, pred in variants.items():
-                out[f"cm_{name}"] = confusion_matrix(resize_label(pred, height, width), gt, k).ravel()
+        if self.evaluate:
+            out.update(self.scores(str(batch["gt_uri"][i]), label, lambda: {
+                "cam": scores_to_labels(cams, class_ids),  # the names of EVAL_VARIANTS
+                "psa": scores_to_labels(with_constant_background(torch.from_numpy(raw_cams)[None])[0].numpy(),
+                                        class_ids),
+                "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), class_ids),
+                "rw": scores_to_labels(walked, class_ids), "rw_crf": label}))
         return out
+
+    def scores(self, gt_uri: str, label: np.ndarray, variants: Callable[[], dict[str, np.ndarray]]) -> dict[str, Any]:
+        """A labeled row's evaluation columns: `cm_<variant>`, each of `variants()` (labels by
+        EVAL_VARIANTS name, at the processing size or the label's) against the ground truth at
+        gt_uri; or else `gt_note`, why it was not scored (missing, unreadable, wrong_size,
+        bad_values: a value above the classes, failed: scoring raised), and `gt_message`. Never
+        raises: the label is written and committed whatever its ground truth holds."""
+        def note(code: str, message: str) -> dict[str, Any]:
+            return {"gt_note": code, "gt_message": redact(message)[:300]}
+        try:
+            gt = ground_truth(gt_uri)
+        except Exception as e:  # noqa: BLE001 - a ground-truth problem never costs the label
+            return note("unreadable", f"ground truth {gt_uri}: {type(e).__name__}: {e}")
+        if gt is None:
+            return note("missing", f"no ground truth at {gt_uri}")
+        if gt.shape != label.shape:
+            return note("wrong_size", f"ground truth {gt_uri} is {gt.shape[1]}x{gt.shape[0]}, "
+                                      f"the image {label.shape[1]}x{label.shape[0]}")
+        k = self.num_classes + 1
+        if gt[gt != IGNORE].max(initial=0) >= k:
+            return note("bad_values", f"ground truth {gt_uri} holds values above the {self.num_classes} classes")
+        try:
+            return {f"cm_{name}": confusion_matrix(resize_label(pred, *label.shape), gt, k).ravel()
+                    for name, pred in variants().items()}
+        except Exception as e:  # noqa: BLE001 - a ground-truth problem never costs the label
+            return note("failed", f"scoring against {gt_uri}: {type(e).__name__}: {e}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         columns = shard_defaults(self.num_classes + 1)
         if self.evaluate:
             empty = np.zeros(0, np.int64)
-            columns.update({f"cm_{v}": empty for v in EVAL_VARIANTS})
+            columns.update({f"cm_{v}": empty for v in EVAL_VARIANTS}, gt_note="", gt_message="")
         out = per_row(batch, "crf", lambda i: self._row(batch, i), columns)
         keep = ["image_id", "image", "tag_names", "stage", "error", "message", *columns]
         return {k: out[k] for k in keep}

@@ -34,6 +34,8 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from psa_ray.data import write_corpus
+from psa_ray.errors import UserError
 from psa_ray.io.manifest import (
     ERROR_SCHEMA, ROW_STRIDE, CorpusRow, ManifestError, ManifestPart, RowError, absolute_base,
     all_rejected_message, check_record, duplicate_error, id_key, manifest_base, manifest_parts, parquet_batches,
@@ -491,3 +493,33 @@ def select(rows: ray.data.Dataset, *, include: Any = None, exclude: Any = None) 
     """Pipeline rows (with `key`) whose id is (include) or is not (exclude) among committed keys."""
     return rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
         losers=None, threshold=None, exclude=exclude, include=include))
+
+
+# --------------------------------------------------------------------------- the built-in corpus
+
+BUILTIN_RECORD = "builtin.json"  # beside a built-in corpus: the (kind, seed, size) it was made with
+
+
+def builtin_corpus(root: str, kind: str, config: Any) -> str:
+    """The manifest of the built-in corpus `kind` (`data.CORPORA`) made with `config` under root:
+    written where no corpus is, reused where `builtin.json` beside it records the same kind, seed
+    and size; otherwise a UserError, so that no job writes over the corpus of another run (whose
+    rows, labels and checkpoints would stay behind, no longer matching the images)."""
+    record = {"kind": kind, "seed": config.seed, "num_images": config.num_images}
+    manifest, saved = join(root, "manifest.parquet"), join(root, BUILTIN_RECORD)
+    found = json.loads(read_bytes(saved)) if exists(saved) else None
+    if found is None and exists(manifest):
+        raise UserError(f"{root} holds a corpus without a record of how it was made ({BUILTIN_RECORD}); "
+                        f"pass --input {manifest} to use it, or another --output")
+    if found is not None and found != record:
+        raise UserError(f"{root} holds the built-in corpus {_described(found)}, not {_described(record)}: "
+                        "pass the options it was made with (--corpus, --seed, --synthetic-images) or another --output")
+    if found is None:
+        write_bytes(saved, json.dumps(record).encode())  # first: an interrupted write is redone the same
+    if not exists(manifest):
+        write_corpus(root, config)  # writes the manifest last
+    return manifest
+
+
+def _described(record: dict[str, Any]) -> str:
+    return f"{record['kind']!r} ({record['num_images']} images, seed {record['seed']})"

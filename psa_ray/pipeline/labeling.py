@@ -20,7 +20,7 @@ import ray
 import torch
 
 from psa_ray.config import PRESETS, Preset, default_preset, to_dict
-from psa_ray.data import CORPORA, write_corpus
+from psa_ray.data import CORPORA
 from psa_ray.errors import UserError
 from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, read_bytes, write_bytes
@@ -29,13 +29,14 @@ from psa_ray.models.inference import check_weights, read_meta
 from psa_ray.models.weights import WeightsError
 from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.corpus import (
-    READ_CPUS, CorpusIndex, committed_keys, corpus_dataset, held_out_rule, prepare_corpus)
+    READ_CPUS, CorpusIndex, builtin_corpus, committed_keys, corpus_dataset, held_out_rule, prepare_corpus)
 from psa_ray.pipeline.quality import label_statistics, quality_warnings, review_rows, seed_statistics
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
 from psa_ray.pipeline.stages import label_stage, seed_stage, train_stage
-from psa_ray.pipeline.writers import EVAL_VARIANTS, SEED_INDEX, read_table, table_rows
+from psa_ray.pipeline.writers import (
+    EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, drop_retried_errors, read_table, table_rows)
 from psa_ray.train.evaluate import classifier_ap
 from psa_ray.train.tasks import Init
 
@@ -142,11 +143,9 @@ def run(job: LabelJob) -> dict[str, Any]:
 
     input_uri, gt = job.input, job.gt
     if input_uri is None:
-        corpus_root = join(job.output, "corpus")
-        input_uri = join(corpus_root, "manifest.parquet")
-        if not exists(input_uri):
-            size = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
-            write_corpus(corpus_root, CORPORA[job.corpus or "birds"](seed=job.seed, **size))
+        corpus_root, kind = join(job.output, "corpus"), job.corpus or "birds"
+        size = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
+        input_uri = builtin_corpus(corpus_root, kind, CORPORA[kind](seed=job.seed, **size))
         gt = gt or join(corpus_root, "gt")
     index = timed("corpus", prepare_corpus, input_uri, job.output, job.classes, job.train_images)
     names = list(index.class_names)
@@ -162,7 +161,8 @@ def run(job: LabelJob) -> dict[str, Any]:
         cam_held_out = timed("cam_held_out", held_out_ap, index, job.held_out, preset, cam_w, names, has_gpu)
     affinity_w = job.affinity_checkpoint
     if affinity_w is None:
-        seeded = committed_keys(join(job.output, SEED_INDEX))
+        drop_retried_errors(join(job.output, SEED_ERRORS))
+        seeded = committed_keys(join(job.output, SEED_INDEX), errors=join(job.output, SEED_ERRORS))
         timed("seeds", seed_stage, corpus_dataset(index, sample=True, exclude=seeded), preset, cam_w,
               len(names), job.output, has_gpu)
         rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
@@ -170,6 +170,7 @@ def run(job: LabelJob) -> dict[str, Any]:
                            rows.map_batches(with_mask_uri, num_cpus=READ_CPUS,
                                             fn_kwargs={"folder": join(job.output, "seeds")}),
                            preset, names, job.output, Init(cam_w), cpus_per_worker)[0]
+    drop_retried_errors(join(job.output, "errors"))
     done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
     skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
     timed("labels", label_stage, corpus_dataset(index, exclude=done, gt=gt), preset, cam_w, affinity_w,
@@ -195,7 +196,7 @@ def run(job: LabelJob) -> dict[str, Any]:
         "run_id": run_id, "input": input_uri, "output": job.output, "preset": to_dict(preset),
         "job": to_dict(job), "versions": _versions(), "has_gpu": has_gpu,
         "counts": {"input_rows": index.num_rows + index.num_errors, "labeled": labeled_count,
-                   "errors": errors, "skipped": skipped,
+                   "errors": errors, "skipped": skipped, "seed_errors": table_rows(join(job.output, SEED_ERRORS)),
                    "processed": labeled_count + errors - index.num_errors - skipped},
         "train_sample": index.sample or None,
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},

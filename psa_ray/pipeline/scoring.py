@@ -3,10 +3,12 @@ PNGs (both `<image_id>.png`, `score_folders`), and a labeling run's eval/ files 
 
 Local folders or s3:// prefixes; files are matched by id, and the ids found on one side only are
 reported, not scored. Counting follows `psa_ray.ops.metrics.confusion_matrix`: ground truth 255
-is ignored, and a predicted value outside 0..K-1 (e.g. 255) is wrong for its pixel.
+is ignored, and a predicted value outside 0..K-1 (e.g. 255) is wrong for its pixel, a miss of its
+ground-truth class and no other class's false positive.
 """
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,17 +46,14 @@ def _pair_counts(image_id: str, label_uri: str, gt_uri: str) -> np.ndarray:
     if label.shape != gt.shape:
         raise ScoringError(f"{image_id}: label {label_uri} is {label.shape[1]}x{label.shape[0]} but "
                            f"ground truth {gt_uri} is {gt.shape[1]}x{gt.shape[0]}")
-    return confusion_matrix(label, gt, VALUES, ignore_index=IGNORE)
+    return confusion_matrix(label, gt, VALUES, ignore_index=IGNORE)[:, :VALUES]  # 8-bit: none outside
 
 
 def _fold(counts: np.ndarray, num_classes: int) -> np.ndarray:
-    """[256,256] (gt, label) counts -> the [K,K] confusion matrix of `confusion_matrix(.., K)`:
-    a label value >= K on a pixel of gt class g is counted as class (g + 1) % K."""
+    """[256,256] (gt, label) counts -> the [K,K+1] confusion matrix of `confusion_matrix(.., K)`:
+    the label values >= K in its last column."""
     k = num_classes
-    outside = counts[:k, k:].sum(axis=1)
-    cm = counts[:k, :k].copy()
-    cm[np.arange(k), (np.arange(k) + 1) % k] += outside
-    return cm
+    return np.concatenate([counts[:k, :k], counts[:k, k:].sum(axis=1, keepdims=True)], axis=1)
 
 
 def score_folders(labels: str, gt: str, num_classes: int | None = None) -> dict[str, Any]:
@@ -120,25 +119,31 @@ def iou_table(class_names: list[str], columns: dict[str, dict[str, Any]]) -> str
 def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
     """metrics.json content from a labeling run's eval/: the confusion matrices summed over the
     eval files whose shard is committed (an eval file without its shard belongs to an
-    interrupted write); None when no image was scored."""
+    interrupted write), and in `ground_truth_notes` how many labeled images were not scored, by
+    reason (`actors.RefineActor.scores`); None when no image was scored."""
     shards = {u.rsplit("/", 1)[-1] for u in list_files(join(output, "shards"), suffix=".parquet")}
     k = len(class_names) + 1
-    sums: dict[str, np.ndarray | None] = {v: np.zeros((k, k), np.int64) for v in EVAL_VARIANTS}
-    images = 0
+    sums: dict[str, np.ndarray | None] = {v: np.zeros((k, k + 1), np.int64) for v in EVAL_VARIANTS}
+    images, notes = 0, Counter[str]()
     for uri in list_files(join(output, "eval"), suffix=".parquet"):
         if uri.rsplit("/", 1)[-1] not in shards:
             continue
         row = read_table(uri).to_pylist()[0]
         images += row["images"]
+        notes.update(note["code"] for note in row.get("notes") or [])
+        if not row["images"]:
+            continue
         for v in EVAL_VARIANTS:
             matrix = sums[v]
             if row.get(f"cm_{v}") is None:
                 sums[v] = None  # written before the variant existed: not scored
-            elif matrix is not None:
-                matrix += np.asarray(row[f"cm_{v}"], np.int64).reshape(k, k)
+            elif matrix is not None:  # [k,k] in files written before the column of values outside
+                counts = np.asarray(row[f"cm_{v}"], np.int64).reshape(k, -1)
+                matrix[:, :counts.shape[1]] += counts
     if not images:
         return None
-    metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": images}
+    metrics: dict[str, Any] = {"class_names": ["background", *class_names], "images": images,
+                               "ground_truth_notes": dict(sorted(notes.items()))}
     for variant, matrix in sums.items():
         if matrix is None:
             continue  # eval files of an older run lack a newer variant (e.g. "psa")

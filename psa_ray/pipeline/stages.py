@@ -6,17 +6,21 @@ id, so a rerun redoes only what is missing (see `labeling.run`, which strings th
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from typing import Any
 
 import ray
 
-from psa_ray.config import Preset
+from psa_ray.config import PipelineConfig, Preset
+from psa_ray.errors import UserError
 from psa_ray.io.storage import exists, join
 from psa_ray.models.inference import MODEL_FILE
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
+from psa_ray.pipeline.corpus import READ_CPUS
 from psa_ray.pipeline.readers import decoded_dataset, drop_failed
-from psa_ray.pipeline.writers import SEED_INDEX, IndexSink, LabelSink, write_row_files
+from psa_ray.pipeline.writers import SEED_ERRORS, SEED_INDEX, IndexSink, LabelSink, write_row_files
 from psa_ray.train.loop import fit
 from psa_ray.train.tasks import Init
 
@@ -39,25 +43,45 @@ def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
 
-def actor_stages(ds: ray.data.Dataset, network_stage: ActorStage, cpu_stage: ActorStage, preset: Preset,
+def cpu_only_pipeline(p: PipelineConfig, cpus: float) -> PipelineConfig:
+    """The pipeline's requests on a CPU-only cluster with `cpus` CPUs now: a fixed pool of one
+    `StageChain` actor per CPU (at most `crf_pool[1]`) that leaves a read, a decode, a write and a
+    commit room to run beside it.
+
+    Ray Data starts no task that does not fit beside the pool: a pool of every CPU at the paper
+    preset's whole-CPU requests left the reads no CPU, and stage B waited forever. Decodes ask
+    for READ_CPUS (so that they fuse with the reads), a write for at most that, and each actor for
+    its preset's CPUs or its share of what the tasks leave, whichever is less. A cluster without
+    a whole CPU yet (autoscaling from zero) keeps the preset's requests, one actor to start with.
+    """
+    if cpus < 1:
+        return replace(p, crf_pool=(1, p.crf_pool[1]))
+    size = max(1, min(int(cpus), p.crf_pool[1]))
+    left = cpus - READ_CPUS - COMMIT_CPUS  # for the write and the actors
+    write = _floor(min(p.write_cpus, READ_CPUS, left / (size + 1)))
+    actor = _floor(min(p.crf_actor_cpus, (left - write) / size))
+    return replace(p, decode_cpus=READ_CPUS, write_cpus=write, crf_actor_cpus=actor, crf_pool=(size, size))
+
+
+def _floor(cpus: float) -> float:
+    """A CPU request rounded down to a hundredth, so that requests meant to fill a node still fit."""
+    return math.floor(cpus * 100) / 100
+
+
+def actor_stages(ds: ray.data.Dataset, network_stage: ActorStage, cpu_stage: ActorStage, p: PipelineConfig,
                  has_gpu: bool) -> ray.data.Dataset:
     """The network stage (CAMs, AffinityNet, walk) then the CPU stage (CRF) on every batch.
 
     With GPUs: a GPU actor pool then a CPU actor pool, each grown by the autoscaler for its own
-    stage. Without: one pool of `StageChain` actors that run both, as many as the cluster has
-    cores for now (one torch thread each) and up to the CRF pool's maximum.
+    stage. Without: one pool of `StageChain` actors that run both (p: `cpu_only_pipeline`'s).
     """
-    p = preset.pipeline
     if has_gpu:
         ds = ds.map_batches(network_stage[0], fn_constructor_kwargs=network_stage[1], batch_size=p.batch_size,
                             compute=_pool(p.gpu_pool), num_gpus=p.gpu_actor_gpus, num_cpus=p.gpu_actor_cpus)
         return ds.map_batches(cpu_stage[0], fn_constructor_kwargs=cpu_stage[1], batch_size=p.batch_size,
                               compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
-    cores = int(ray.cluster_resources().get("CPU", 1) // max(1.0, p.crf_actor_cpus))
-    size = max(1, min(cores, p.crf_pool[1]))
     return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": [network_stage, cpu_stage]},
-                          batch_size=p.batch_size, compute=_pool((size, max(size, p.crf_pool[1]))),
-                          num_cpus=p.crf_actor_cpus)
+                          batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
 
 
 def is_empty(rows: ray.data.Dataset) -> bool:
@@ -69,9 +93,9 @@ def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage
                  has_gpu: bool, folder: str, column: str) -> ray.data.Dataset:
     """Decoded rows through both actor stages, then each row's `column` bytes written to
     `<folder>/<image_id>.png`: the part stages B and D share, before their commit."""
-    p = preset.pipeline
+    p = preset.pipeline if has_gpu else cpu_only_pipeline(preset.pipeline, ray.cluster_resources().get("CPU", 0))
     ds = decoded_dataset(ds, num_cpus=p.decode_cpus, max_side=p.max_side)
-    ds = actor_stages(ds, network_stage, cpu_stage, preset, has_gpu)
+    ds = actor_stages(ds, network_stage, cpu_stage, p, has_gpu)
     return ds.map_batches(write_row_files, num_cpus=p.write_cpus, fn_kwargs={"folder": folder, "column": column})
 
 
@@ -92,7 +116,9 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
     rows = rows.materialize()
     num_rows = rows.count()
     if num_rows == 0:
-        raise ValueError(f"no images to train the {kind} network on")
+        why = ("no image has a mask (seeds or labels) to learn from" if network_spec(kind).mask_folder
+               else "the training sample is empty (too few usable rows, or all held out)")
+        raise UserError(f"no images to train the {kind} network on: {why}")
     dataset = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
                               max_side=preset.pipeline.max_side).map_batches(drop_failed)
     columns = ["rgb", "tags"] + (["mask"] if network_spec(kind).mask_folder else [])
@@ -106,7 +132,8 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
 def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_classes: int, output: str,
                has_gpu: bool) -> None:
     """Stage B: CAMs (GPU pool) -> CRF at two alphas (CPU pool) -> seeds/<id>.png, committed in
-    index/seeds/ with each image's tags and seed fractions. rows: those without a committed seed."""
+    index/seeds/ with each image's tags and seed fractions; the rows that failed in
+    index/seed-errors/. rows: those without a committed seed or a final seed error."""
     if is_empty(rows):
         return
     p = preset.pipeline
@@ -114,8 +141,8 @@ def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_cla
                                                         mixed_precision=p.mixed_precision)),
                       (SeedActor, {"cam": preset.cam, "num_classes": num_classes}), has_gpu,
                       join(output, "seeds"), "png")
-    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows, with_seed_fractions=True),
-                      ray_remote_args={"num_cpus": COMMIT_CPUS})
+    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows, with_seed_fractions=True,
+                                errors_uri=join(output, SEED_ERRORS)), ray_remote_args={"num_cpus": COMMIT_CPUS})
 
 
 def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,

@@ -9,11 +9,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from psa_ray.config import PRESETS, default_preset
-from psa_ray.data.synthetic import SyntheticConfig, split_ids, write_corpus
+from psa_ray.data.synthetic import SyntheticConfig, split_ids
+from psa_ray.errors import UserError
 from psa_ray.io.inputs import read_corpus
 from psa_ray.io.storage import absolute, join
 from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
+from psa_ray.pipeline.corpus import builtin_corpus
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, rows_dataset, with_masks
 from psa_ray.pipeline.stages import train_stage
 from psa_ray.train.evaluate import classifier_ap
@@ -37,7 +39,7 @@ class TrainJob:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     val_fraction: float = 0.0          # held-out images (the CAM network's classification mAP)
-    synthetic_images: int = 300
+    synthetic_images: int | None = None  # the built-in corpus's size (None: its config's `num_images`)
 
 
 def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
@@ -48,10 +50,12 @@ def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     spec = network_spec(kind)
     check_weights("--backbone-weights", job.backbone_weights)
     check_weights("--init", job.init)
+    if not 0.0 <= job.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {job.val_fraction}")
     input_uri = job.input
-    if input_uri is None:
-        input_uri = join(job.output, "corpus", "manifest.parquet")
-        write_corpus(join(job.output, "corpus"), SyntheticConfig(num_images=job.synthetic_images))
+    if input_uri is None:  # the labeling job's corpus (same defaults), never written over another one
+        size = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
+        input_uri = builtin_corpus(join(job.output, "corpus"), "birds", SyntheticConfig(**size))
     corpus, _ = read_corpus(input_uri, classes=job.classes)
     rows = corpus_rows(corpus, None)
     train_ids, val_ids = map(set, split_ids([r["image_id"] for r in rows], job.val_fraction, seed=0))

@@ -14,17 +14,27 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from psa_ray.io.manifest import ERROR_SCHEMA
 from psa_ray.io.palette import IGNORE, encode_label_png
-from psa_ray.io.storage import filesystem, join, list_files, read_bytes, with_retries, write_bytes
+from psa_ray.io.storage import filesystem, join, list_files, read_bytes, remove_tree, with_retries, write_bytes
 
 SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet
+# the rows stage B failed on (ERROR_SCHEMA): not in errors/, which holds the rows that could not be
+# labeled (stage D may still label a row whose seeds failed)
+SEED_ERRORS = "index/seed-errors"
+# Error codes a rerun retries: storage that kept failing through every retry (`readers.decode_rows`).
+# Every other error row is final: a rerun cannot fix a decode error, a missing or too large
+# file, access denied, or a row an actor failed on.
+RETRIED_ERRORS = ("unavailable",)
 # psa: the CAMs with psa's constant background 0.2 (its README's CAM mIoU); cam: with (1-max)^alpha
 EVAL_VARIANTS = ("cam", "psa", "cam_crf", "rw", "rw_crf")
+# a labeled image whose ground truth was not scored, in eval/ (`eval_table`)
+NOTE_TYPE = pa.struct([("image_id", pa.string()), ("code", pa.string()), ("message", pa.string())])
 
 
 def digest(image_ids: Iterable[str]) -> str:
@@ -110,6 +120,24 @@ def error_table(rows: list[dict[str, Any]]) -> pa.Table:
         [{k: str(r.get(k, "")) for k in ERROR_SCHEMA.names} for r in rows], schema=ERROR_SCHEMA)
 
 
+def drop_retried_errors(folder: str) -> int:
+    """Take the rows of RETRIED_ERRORS codes out of the error files under folder (manifest rows
+    aside), so that this run does them again; returns how many. Each file is rewritten without
+    them (or removed): a crash in between leaves a row to do, never in two places."""
+    dropped = 0
+    for uri in list_files(folder, suffix=".parquet"):
+        table = read_table(uri)
+        retried = pc.and_(pc.is_in(table.column("error"), pa.array(RETRIED_ERRORS)),
+                          pc.not_equal(table.column("stage"), "manifest"))
+        count = pc.sum(retried).as_py() or 0
+        if count == table.num_rows:
+            remove_tree(uri)
+        elif count:
+            write_table(uri, table.filter(pc.invert(retried)))
+        dropped += count
+    return dropped
+
+
 def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str) -> dict[str, np.ndarray]:
     """Write column `column` (PNG bytes) of each error-free row to `<folder>/<image_id>.png`.
 
@@ -125,18 +153,24 @@ def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str) -
 class IndexSink(Datasink):
     """Commits `<folder>/<digest>.parquet` (column image_id) for the error-free rows, thousands at a
     time: the seeds written by `write_row_files` that a rerun need not redo. With
-    `with_seed_fractions`, also each image's `tags` and `seed_fractions` (for `seed_statistics`)."""
+    `with_seed_fractions`, also each image's `tags` and `seed_fractions` (for `seed_statistics`).
+    The failed rows go to `<errors_uri>/<digest>.parquet` (ERROR_SCHEMA), first."""
 
-    def __init__(self, folder_uri: str, rows_per_file: int, with_seed_fractions: bool = False):
+    def __init__(self, folder_uri: str, rows_per_file: int, with_seed_fractions: bool = False,
+                 errors_uri: str | None = None):
         self.folder, self.rows_per_file, self.with_seed_fractions = folder_uri, rows_per_file, with_seed_fractions
+        self.errors = errors_uri
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
     def write(self, blocks, ctx) -> int:
-        rows = [r for block in blocks
-                for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False) if not r["error"]]
+        rows = [r for block in blocks for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False)]
+        failed = [r for r in rows if r["error"]]
+        if failed and self.errors:
+            write_table(join(self.errors, f"{digest(r['image_id'] for r in failed)}.parquet"), error_table(failed))
+        rows = [r for r in rows if not r["error"]]
         if not rows:
             return 0
         columns: dict[str, Any] = {"image_id": [r["image_id"] for r in rows]}
@@ -153,7 +187,8 @@ class LabelSink(Datasink):
 
     The label PNGs are already written (`write_row_files`); a row is done once its shard is.
     eval/<digest>.parquet holds the summed confusion matrices of shards/<digest>.parquet's
-    images (written first: metrics count an eval file only beside its shard).
+    images and the notes on those not scored (`eval_table`; written first: metrics count an eval
+    file only beside its shard).
     """
 
     def __init__(self, output_uri: str, run_id: str, evaluate: bool, rows_per_file: int = 2048):
@@ -169,18 +204,28 @@ class LabelSink(Datasink):
         good = [r for r in rows if not r["error"]]
         bad = [r for r in rows if r["error"]]
         name = digest(r["image_id"] for r in good)
-        scored = [r for r in good if self.evaluate and len(r[f"cm_{EVAL_VARIANTS[0]}"])]
-        if scored:
-            write_table(join(self.output, "eval", f"{name}.parquet"), pa.table({
-                "images": [len(scored)],
-                **{f"cm_{v}": [np.sum([np.asarray(r[f"cm_{v}"], np.int64) for r in scored], axis=0).tolist()]
-                   for v in EVAL_VARIANTS}}))
+        if self.evaluate and good:
+            write_table(join(self.output, "eval", f"{name}.parquet"), eval_table(good))
         if bad:
             write_table(join(self.output, "errors", f"{digest(r['image_id'] for r in bad)}.parquet"),
                         error_table(bad))
         if good:
             write_table(join(self.output, "shards", f"{name}.parquet"), shard_table(good, self.run_id))
         return {"labeled": len(good), "errors": len(bad)}
+
+
+def eval_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The evaluation record of a shard's labeled rows: `images` scored, each variant's summed
+    confusion matrix `cm_<variant>` (empty when none was scored), and `notes`: (image_id, code,
+    message) of each row whose ground truth was not scored (`actors.RefineActor.scores`)."""
+    scored = [r for r in rows if len(r[f"cm_{EVAL_VARIANTS[0]}"])]
+    notes = [{"image_id": r["image_id"], "code": r["gt_note"], "message": r["gt_message"]}
+             for r in rows if r.get("gt_note")]
+    return pa.table({
+        "images": [len(scored)],
+        **{f"cm_{v}": pa.array([np.sum([np.asarray(r[f"cm_{v}"], np.int64) for r in scored], axis=0).tolist()
+                                if scored else []], pa.list_(pa.int64())) for v in EVAL_VARIANTS},
+        "notes": pa.array([notes], pa.list_(NOTE_TYPE))})
 
 
 def shard_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
