@@ -1,7 +1,8 @@
 """Nothing lost and nothing hung (issue 27): the CPU-only pool leaves room for its reads and
 writes, ground truth never costs a label, stage-B failures are recorded, predictions outside the
 classes bias no other class, ids that would hide their files are rejected, a user's mistake is one
-`error:` line, and training jobs never write over another run's corpus."""
+`error:` line, training jobs never write over another run's corpus, and a stage that cannot
+progress ends the job."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from psa_ray.config import PRESETS
-from psa_ray.data import SyntheticConfig
+from psa_ray.data import CLASS_NAMES, SyntheticConfig, write_corpus
 from psa_ray.errors import UserError, run_job
 from psa_ray.io.manifest import ERROR_SCHEMA, id_problem, plain_rows
 from psa_ray.io.palette import encode_label_png
@@ -25,7 +26,8 @@ from psa_ray.ops.metrics import confusion_matrix, iou_per_class
 from psa_ray.pipeline.actors import RefineActor
 from psa_ray.pipeline.corpus import BUILTIN_RECORD, READ_CPUS, builtin_corpus
 from psa_ray.pipeline.scoring import evaluation, score_folders
-from psa_ray.pipeline.stages import COMMIT_CPUS, cpu_only_pipeline, train_stage
+from psa_ray.models.networks import build_network
+from psa_ray.pipeline.stages import COMMIT_CPUS, NO_PROGRESS_ENV, cpu_only_pipeline, train_stage
 from psa_ray.pipeline.training import TrainJob, train_network
 from psa_ray.pipeline.writers import (
     EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, IndexSink, drop_retried_errors, error_table, eval_table, read_tables,
@@ -247,3 +249,24 @@ def test_paper_preset_labels_the_built_in_corpus_on_a_4_cpu_cluster(local_ray_cl
     head = local_ray_cluster.start(num_cpus=4)
     _paper_job(str(tmp_path / "out"), {**local_ray_cluster.env, "RAY_ADDRESS": head.address})
 
+
+# --------------------------------------------------------------------------- no silent hang
+
+@pytest.mark.slow
+def test_a_stage_that_cannot_progress_ends_the_job_with_one_error_line(ray_cluster, tmp_path, save_network):
+    """GPU actors asked of a CPU-only cluster never start: the job ends within the no-progress
+    timeout (here 15 s) with one `error:` line naming the stage and what it asks for, status 2."""
+    manifest = write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=4, min_size=40, max_size=48))
+    weights = {kind: save_network(str(tmp_path / "nets"), kind, build_network(kind, "tiny", len(CLASS_NAMES)))
+               for kind in ("cam", "affinity")}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "label_dataset.py"), "--input", manifest,
+                           "--output", str(tmp_path / "out"), "--preset", "demo", "--use-gpu",
+                           "--cam-checkpoint", weights["cam"], "--affinity-checkpoint", weights["affinity"]],
+                          env={**os.environ, "RAY_ADDRESS": ray_cluster, NO_PROGRESS_ENV: "15"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert errors[0].startswith("error: stage 'labels' made no progress for 15 s: it asks for 1-2 network "
+                                "actor(s) of 1 GPU")
+    assert "the cluster has 2 CPU" in errors[0] and "0 GPU" in errors[0] and NO_PROGRESS_ENV in errors[0]

@@ -34,7 +34,7 @@ from psa_ray.pipeline.quality import label_statistics, quality_warnings, review_
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
-from psa_ray.pipeline.stages import label_stage, seed_stage, train_stage
+from psa_ray.pipeline.stages import label_stage, seed_stage, stall_ends_job, train_stage, watch_progress
 from psa_ray.pipeline.writers import (
     EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, drop_retried_errors, read_table, table_rows)
 from psa_ray.train.evaluate import classifier_ap
@@ -134,10 +134,12 @@ def run(job: LabelJob) -> dict[str, Any]:
     has_gpu, small = cluster_shape(job.use_gpu)
     preset = resolve_preset(job, use_gpu=has_gpu)
     cpus_per_worker = 0.5 if small else 1.0
+    watch_progress()
 
     def timed(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
-        value = fn(*args, **kwargs)
+        with stall_ends_job(name, preset.pipeline, has_gpu):
+            value = fn(*args, **kwargs)
         timings[name] = round(time.perf_counter() - t, 2)
         return value
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import ray
+from ray.data.exceptions import ExecutionTimeoutError
 
 from psa_ray.config import PipelineConfig, Preset
 from psa_ray.errors import UserError
@@ -29,6 +32,9 @@ from psa_ray.train.tasks import Init
 COMMIT_CPUS = 0.1
 
 ActorStage = tuple[type, dict[str, Any]]  # an actor class and its constructor's keyword arguments
+# How long a stage may make no progress (no block moving through its steps) before the job ends:
+# Ray Data's own setting, from its variable (-1: never), else 10 minutes (Ray's default: 30).
+NO_PROGRESS_ENV, NO_PROGRESS_S = "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", 600.0
 
 
 def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -82,6 +88,51 @@ def actor_stages(ds: ray.data.Dataset, network_stage: ActorStage, cpu_stage: Act
                               compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
     return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": [network_stage, cpu_stage]},
                           batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+
+
+def watch_progress() -> None:
+    """Every Dataset built from now on in this process fails with Ray Data's ExecutionTimeoutError
+    once it has made no progress for NO_PROGRESS_ENV seconds (default NO_PROGRESS_S)."""
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = float(
+        os.environ.get(NO_PROGRESS_ENV, NO_PROGRESS_S))
+
+
+@contextmanager
+def stall_ends_job(stage: str, p: PipelineConfig, has_gpu: bool) -> Iterator[None]:
+    """A stage that stopped making progress (`watch_progress`) ends as a UserError: one line naming
+    the stage, what its steps ask for, what the cluster has, and the fix."""
+    try:
+        yield
+    except Exception as e:
+        if not _timed_out(e):
+            raise
+        raise UserError(_stall_message(stage, p, has_gpu)) from e
+
+
+def _stall_message(stage: str, p: PipelineConfig, has_gpu: bool) -> str:
+    timeout = ray.data.DataContext.get_current().execution_no_progress_timeout_s
+    total, free = ray.cluster_resources(), ray.available_resources()
+    if has_gpu:
+        asks = (f"{p.gpu_pool[0]}-{p.gpu_pool[1]} network actor(s) of {p.gpu_actor_gpus:g} GPU + {p.gpu_actor_cpus:g} "
+                f"CPU, {p.crf_pool[0]}-{p.crf_pool[1]} CRF actor(s) of {p.crf_actor_cpus:g} CPU")
+    else:
+        p = cpu_only_pipeline(p, total.get("CPU", 0))
+        asks = f"{p.crf_pool[0]} actor(s) of {p.crf_actor_cpus:g} CPU"
+    has = ", ".join(f"{total.get(r, 0):g} {r} ({free.get(r, 0):g} free now)" for r in ("CPU", "GPU"))
+    return (f"stage {stage!r} made no progress for {timeout:g} s: it asks for {asks}, reads of {READ_CPUS:g} CPU, "
+            f"decodes of {p.decode_cpus:g} and writes of {p.write_cpus:g}; the cluster has {has}. Give it what the "
+            f"stage asks for (--use-gpu: a GPU node), or raise {NO_PROGRESS_ENV} (-1: never) if a step is that slow")
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """Whether Ray Data's ExecutionTimeoutError caused `error` (itself, or down its causes)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ExecutionTimeoutError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
+    return False
 
 
 def is_empty(rows: ray.data.Dataset) -> bool:
