@@ -5,7 +5,9 @@ precision per device, and a report that runs no network on the driver."""
 from __future__ import annotations
 
 import ast
+import json
 import os
+import subprocess
 import sys
 from dataclasses import replace
 from functools import partial
@@ -309,3 +311,19 @@ def test_a_failed_row_prints_its_traceback_redacted(capfd, monkeypatch):
     err = capfd.readouterr().err
     assert "Traceback" in err and "OSError" in err and secret not in err
     assert secret not in out["message"][0]
+
+
+# --------------------------------------------------------------------------- bench/gpu_smoke.py
+
+@pytest.mark.slow
+def test_gpu_smoke_quick_form_passes_every_step_on_the_cpu(ray_cluster, tmp_path):
+    """`bench/gpu_smoke.py --device cpu`: train, kill, resume, load without a GPU, label (~90 s)."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--device", "cpu",
+                           "--work-dir", str(tmp_path)], env={**os.environ, "RAY_ADDRESS": ray_cluster},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    [line] = done.stdout.splitlines()
+    result = json.loads(line)
+    assert result["steps"] == {"train": "pass", "resume": "pass", "load_cpu": "pass", "label": "pass"}
+    assert set(result["images_per_s"]) == {"train_cam", "seeds", "train_affinity", "labels"}
+    assert result["precision"]["train"] == "fp32" and result["peak_gpu_memory_mib"] is None
