@@ -190,7 +190,8 @@ def run_benchmark(both_grids: tuple[int, ...], psa_ray_only_grids: tuple[int, ..
             if "median_seconds" in dense and "median_seconds" in psa:
                 row["dense_over_psa_ray_seconds"] = dense["median_seconds"] / psa["median_seconds"]
                 row["dense_over_psa_ray_extra_memory"] = dense["extra_mib"] / max(psa["extra_mib"], 1e-3)
-                row.update(agreement(torch.load(psa["output"]), torch.load(dense["output"])))
+                row.update(agreement(torch.load(psa["output"], map_location="cpu"),
+                                     torch.load(dense["output"], map_location="cpu")))
             for result in (psa, dense):
                 result.pop("output", None)
             rows.append(row)
