@@ -160,16 +160,17 @@ def test_training_precision_is_bf16_only_where_native(monkeypatch):
 
 # --------------------------------------------------------------------------- actors
 
-def _network_actor(tmp_path, save_network, fail: Callable[[torch.Tensor], None]) -> tuple[NetworkActor, list]:
+def _network_actor(tmp_path, save_network, fail: Callable[[torch.Tensor], None],
+                   scales: tuple[float, ...] = (1.0,)) -> tuple[NetworkActor, list]:
     """A CAM NetworkActor whose network calls `fail(x)` first (the test double); returns it and
-    the batch sizes it was called with, with whether an exception was being handled then."""
+    its calls: batch size, whether an exception was being handled then, and the input's width."""
     weights = save_network(str(tmp_path), "cam", build_network("cam", "tiny", C))
-    actor = NetworkActor(weights, CamConfig(scales=(1.0,), flip=False))
-    calls: list[tuple[int, bool]] = []
+    actor = NetworkActor(weights, CamConfig(scales=scales, flip=False))
+    calls: list[tuple[int, bool, int]] = []
     real = actor.cam_net.cams
 
     def cams(x: torch.Tensor) -> torch.Tensor:
-        calls.append((x.shape[0], sys.exc_info()[0] is not None))
+        calls.append((x.shape[0], sys.exc_info()[0] is not None, x.shape[-1]))
         fail(x)
         return real(x)
     actor.cam_net.cams = cams
@@ -195,7 +196,7 @@ def test_a_cuda_error_at_the_network_fails_the_actor(tmp_path, save_network, mes
     actor, calls = _network_actor(tmp_path, save_network, fail)
     with pytest.raises(RuntimeError, match="CUDA error"):
         actor(_batch(3))
-    assert calls == [(3, False)], "raised at once, not retried row by row into error rows"
+    assert calls == [(3, False, 64)], "raised at once, not retried row by row into error rows"
 
 
 def test_another_error_at_the_network_becomes_error_rows(tmp_path, save_network):
@@ -216,9 +217,27 @@ def test_out_of_memory_is_retried_image_by_image_after_the_except_block(tmp_path
     actor, calls = _network_actor(tmp_path, save_network, fail)
     out = actor(_batch(3))
     assert list(out["error"]) == [""] * 3 and all(c.shape[1:] == (48, 64) for c in out["cams"])
-    assert calls == [(3, False), (1, False), (1, False), (1, False)], \
+    assert calls == [(3, False, 64), (1, False, 64), (1, False, 64), (1, False, 64)], \
         "one image at a time, with no exception (and its traceback's tensors) alive"
     assert freed == [True], "the cache is freed before the retries"
+
+
+def test_an_image_out_of_memory_alone_is_redone_with_fewer_scales(tmp_path, save_network, monkeypatch):
+    freed = []
+    monkeypatch.setattr(actors, "free_device_memory", lambda: freed.append(True))
+
+    def fail(x: torch.Tensor) -> None:
+        if x.shape[-1] > 64:  # scale 2 of a 64 px wide image
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    actor, calls = _network_actor(tmp_path, save_network, fail, scales=(1.0, 2.0))
+    out = actor(_batch(2))
+    assert list(out["error"]) == ["", ""] and all(c.shape[1:] == (48, 64) for c in out["cams"])
+    assert [(n, handling) for n, handling, _ in calls] == [(n, False) for n, _, _ in calls]
+    assert [(n, width) for n, _, width in calls] == [
+        (2, 64), (2, 128),            # the batch: out of memory at scale 2
+        (1, 64), (1, 128), (1, 64),   # each image alone: again, then at scale 1 only
+        (1, 64), (1, 128), (1, 64)]
+    assert len(freed) == 3
 
 
 def test_an_image_out_of_memory_by_itself_is_an_error_row(tmp_path, save_network, monkeypatch):

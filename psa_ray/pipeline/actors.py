@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -69,13 +70,14 @@ def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[s
 
 
 def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]], list[dict[str, Any]]],
-              columns: dict[str, Any]) -> dict[str, Any]:
+              columns: dict[str, Any], smaller: Callable[[int], dict[str, Any]] | None = None) -> dict[str, Any]:
     """`per_row` for an fn that handles several rows in one call (fn(rows) -> one dict per row).
 
     All rows without an error go in one call; if it raises, each row is redone alone (smaller
-    pieces after an out-of-memory error, the cache freed first), so that only the rows that fail
-    by themselves become error rows. The retry runs after the except block, which would otherwise
-    keep the failed call's tensors alive through its traceback. A CUDA error other than
+    pieces after an out-of-memory error, the cache freed first), and a row that runs out of
+    memory alone is redone by `smaller(i)` (e.g. fewer CAM scales), so that only the rows that
+    fail by themselves become error rows. The retries run after the except blocks, which would
+    otherwise keep the failed call's tensors alive through its traceback. A CUDA error other than
     out-of-memory is raised (`per_row`).
     """
     rows = [i for i, error in enumerate(batch["error"]) if not error]
@@ -92,7 +94,20 @@ def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]]
     if oom:
         free_device_memory()
     print(f"[{stage}] a batch of {len(rows)} rows failed ({failure}); redoing its rows one by one", file=sys.stderr)
-    return per_row(batch, stage, lambda i: fn([i])[0], columns)
+    return per_row(batch, stage, lambda i: _alone(fn, i, smaller, f"[{stage}] {batch['image_id'][i]}"), columns)
+
+
+def _alone(fn: Callable[[list[int]], list[dict[str, Any]]], i: int,
+           smaller: Callable[[int], dict[str, Any]] | None, name: str) -> dict[str, Any]:
+    """fn([i])[0]; after an out-of-memory error, `smaller(i)` (outside the except block, the cache freed)."""
+    try:
+        return fn([i])[0]
+    except Exception as e:  # noqa: BLE001 - out of memory: retried smaller below
+        if smaller is None or not out_of_memory(e):
+            raise
+    free_device_memory()
+    print(f"{name} ran out of memory alone; redoing it smaller", file=sys.stderr)
+    return smaller(i)
 
 
 class NetworkActor:
@@ -106,10 +121,13 @@ class NetworkActor:
         self.cam_net = load_trained(cam_weights, self.device)
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
         self.cam, self.walk = cam, walk or WalkConfig()
+        # an image that runs out of memory alone: its CAMs again at the scales up to 1 only
+        self.fewer_scales = replace(cam, scales=tuple(s for s in cam.scales if s <= 1.0) or (min(cam.scales),))
 
-    def _rows(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, Any]]:
+    def _rows(self, batch: dict[str, np.ndarray], rows: list[int],
+              cam: CamConfig | None = None) -> list[dict[str, Any]]:
         images = [to_tensor(batch["rgb"][i]).to(self.device) for i in rows]
-        tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], self.cam, self.autocast)
+        tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], cam or self.cam, self.autocast)
         out: list[dict[str, Any]] = [{"class_ids": class_ids, "cams": cams.cpu().numpy().astype(np.float16)}
                                      for class_ids, cams in tagged]
         if self.affinity_net is not None:
@@ -122,8 +140,9 @@ class NetworkActor:
         columns: dict[str, np.ndarray] = {"class_ids": np.zeros(0, np.int64), "cams": np.zeros((0, 1, 1), np.float16)}
         if self.affinity_net is not None:
             columns["walked"] = np.zeros((1, 1, 1), np.float32)
+        smaller = None if self.fewer_scales == self.cam else lambda i: self._rows(batch, [i], self.fewer_scales)[0]
         return per_batch(batch, "cam" if self.affinity_net is None else "walk",
-                         lambda rows: self._rows(batch, rows), columns)
+                         lambda rows: self._rows(batch, rows), columns, smaller)
 
 
 class StageChain:
