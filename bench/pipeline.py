@@ -58,7 +58,7 @@ from psa_ray.ops.pseudo_labels import (  # noqa: E402
 from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
 from psa_ray.pipeline.writers import read_tables  # noqa: E402
 from psa_ray.models.inference import (  # noqa: E402
-    autocast_dtype, export_network, load_trained, network_meta, to_tensor)
+    autocast_dtype, export_network, input_normalization, load_trained, network_meta, to_tensor)
 from psa_ray.models.networks import build_network  # noqa: E402
 
 DEFAULT_IMAGES, QUICK_IMAGES = 128, 4
@@ -137,7 +137,7 @@ def sequential_run(spec: dict[str, Any], output: str, part: int = 0, parts: int 
         with clock("decode"):
             rgb = decode_image(data)
         with clock("cam"):
-            image = to_tensor(rgb).to(device)
+            image = to_tensor(rgb, input_normalization(cam_net)).to(device)
             [(class_ids, cams)] = tagged_cams(cam_net, [image], [row["tags"]], preset.cam, autocast)
         with clock("walk"):
             walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()

@@ -9,7 +9,7 @@ CPU in minutes; everything not named there keeps the paper preset's value.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -86,6 +86,9 @@ class TrainConfig:
     # (`stem_modules` of models/backbones.py), as psa; from scratch everything trains
     freeze_pretrained: bool = True
     segmentation_head: str = "largefov"  # DeepLab's head: "largefov" (v1, psa) or "aspp" (v2)
+    # weights and batches in channels-last memory format (on a CPU 10x faster for EfficientNet's
+    # depthwise convolutions above 160 px; bench/README.md)
+    channels_last: bool = True
 
 
 # psa's recipe (jiwoon-ahn/psa train_cls.py, train_aff.py; README "Fidelity to the reference").
@@ -150,7 +153,7 @@ def _demo_train(**kw: Any) -> TrainConfig:
     # From scratch (nothing frozen), ASPP head: the demo's behaviour before psa's recipe came in.
     base: dict[str, Any] = dict(backbone="tiny", crop_size=128, resize_long=(112, 176), batch_size=16,
                 color_jitter=(0.3, 0.3, 0.3, 0.0), num_workers=1, mixed_precision=False,
-                freeze_pretrained=False, segmentation_head="aspp")
+                freeze_pretrained=False, segmentation_head="aspp", channels_last=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -186,6 +189,29 @@ PRESETS: dict[str, Preset] = {
                                 decode_cpus=0.5, write_cpus=0.25, gpu_pool=(1, 2), crf_pool=(1, 2)),
     ),
 }
+
+
+# The demo preset for a backbone that starts from ImageNet weights (`--backbone-weights`; chosen
+# by `pretrained_preset`): psa's frozen BatchNorm and stem, few epochs (pretrained features
+# converge fast), and the images seen 1.5x enlarged in training (crop 192 of a long side
+# 160-240) and at CAM scales 1.0-2.0 of the native size, nearer ImageNet's object scale than the
+# 96-160 px synthetic images (bench/README.md, "Pretrained backbones", has what each did)
+PRESETS["demo_pretrained"] = replace(
+    PRESETS["demo"], name="demo_pretrained",
+    cam_train=_demo_train(epochs=6, lr=0.01, crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
+                          channels_last=True),
+    affinity_train=_demo_train(epochs=3, lr=0.01, crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
+                               channels_last=True),
+    deeplab_train=_demo_train(epochs=8, lr=0.005, crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
+                              channels_last=True),
+    cam=replace(PRESETS["demo"].cam, scales=(1.0, 1.5, 2.0)),
+)
+
+
+def pretrained_preset(name: str) -> str:
+    """The preset a run whose backbone starts from pretrained weights takes for preset `name`:
+    "demo_pretrained" for "demo" (the paper preset is psa's recipe for pretrained backbones)."""
+    return "demo_pretrained" if name == "demo" else name
 
 
 def to_dict(obj: Any) -> Any:

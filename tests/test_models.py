@@ -13,6 +13,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from psa_ray.models import (
     BACKBONES, AffinityNet, CamNet, DeepLab, WeightsError, build_backbone, build_model, load_state,
     load_weights)
+from psa_ray.models.backbones import BackboneError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +47,7 @@ def image(*shape: int, seed: int = 1) -> torch.Tensor:
 # Backbones and networks
 
 
-@pytest.mark.parametrize("name", ["tiny", "resnet50"])
+@pytest.mark.parametrize("name", ["tiny", "resnet50", "tf_efficientnet_lite0"])
 @pytest.mark.parametrize("height, width", [(64, 96), (61, 83)])
 def test_backbone_returns_three_stride_8_features(name, height, width):
     backbone = build_backbone(name).eval()
@@ -58,10 +59,17 @@ def test_backbone_returns_three_stride_8_features(name, height, width):
         assert feature.shape == (2, channels, math.ceil(height / 8), math.ceil(width / 8))
 
 
-def test_registry_builds_each_name_and_rejects_unknown_names():
-    assert set(BACKBONES) == {"resnet38d", "resnet50", "tiny"}
-    with pytest.raises(ValueError, match="resnet38d.*resnet50.*tiny"):
-        build_backbone("vgg16")
+def test_registry_builds_ours_and_timms_and_rejects_what_cannot_run_at_stride_8():
+    assert set(BACKBONES) == {"resnet38d", "tiny"}
+    with pytest.raises(BackboneError, match="unknown backbone 'resnet5'.*resnet38d, tiny.*timm"):
+        build_backbone("resnet5")
+    with pytest.raises(BackboneError, match="timm cannot build 'vit_small_patch16_224'.*output stride 8"):
+        build_backbone("vit_small_patch16_224")
+    # timm's feature_info gives the contract: channels, and the stem up to the first stride-4 level
+    lite0 = build_backbone("tf_efficientnet_lite0")
+    assert lite0.out_channels == (40, 112, 320)
+    assert lite0.stem_modules == ("conv_stem", "bn1", "blocks.0", "blocks.1")
+    assert build_backbone("convnext_tiny").stem_modules == ("stem_0", "stem_1", "stages_0")
 
 
 def test_tiny_backbone_is_small():
@@ -262,7 +270,7 @@ def test_psa_resnet38_checkpoints_load_by_name(resnet38d_pair, key_map):
     assert report.ignored == ["fc8.weight"]
 
 
-def test_torchvision_resnet50_state_dict_loads_into_our_backbone():
+def test_torchvision_resnet50_state_dict_loads_strict_into_timms_resnet50():
     torch.manual_seed(0)
     reference = randomise_batchnorm(torchvision.models.resnet50(weights=None)).eval()
     cam = CamNet("resnet50", 4).eval()

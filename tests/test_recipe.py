@@ -70,7 +70,7 @@ def _one_step(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
     return before
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "resnet50"])
+@pytest.mark.parametrize("backbone", ["tiny", "resnet50", "tf_efficientnet_lite0"])
 def test_a_step_on_a_pretrained_backbone_keeps_batchnorm_and_stem(backbone):
     model = _randomise_batchnorm(build_model("cam", backbone, 3))
     model.freeze_pretrained()

@@ -230,8 +230,9 @@ def remove_tree(uri: str, endpoint_url: str | None = None) -> None:
 
 
 def absolute(uri: str | None) -> str | None:
-    """A local path made absolute (Ray workers run in other folders); URIs and None unchanged."""
-    return uri if uri is None or "://" in uri else os.path.abspath(uri)
+    """A local path made absolute (Ray workers run in other folders); URIs (`s3://...`, `builtin:...`)
+    and None unchanged."""
+    return uri if uri is None or "://" in uri or uri.startswith("builtin:") else os.path.abspath(uri)
 
 
 def parent(uri: str) -> str:

@@ -1,6 +1,8 @@
-"""Backbones at output stride 8: the paper's ResNet-38, torchvision's ResNet-50, a tiny CPU net.
+"""Backbones at output stride 8: the paper's ResNet-38 and a tiny CPU net written here, and any
+timm model that timm can dilate to stride 8 (`resnet50`, `tf_efficientnet_lite0`, `convnext_tiny`...).
 
-Every backbone maps an ImageNet-normalised RGB float image `[B,3,H,W]` to the list of the
+Every backbone maps a normalised RGB float image `[B,3,H,W]` (`Normalization`: ImageNet's
+statistics, or what its weights were trained with) to the list of the
 features of its last three stages, `[B,c_k,ceil(H/8),ceil(W/8)]` for the channels
 `c_k = out_channels[k]` (exactly `H/8 x W/8` when H and W are multiples of 8). It has the
 attributes `out_channels: tuple[int, int, int]`, `name: str` and `stem_modules: tuple[str, ...]`,
@@ -9,15 +11,27 @@ networks' `freeze_pretrained`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The input normalisation of every backbone (ImageNet statistics, as the pretrained weights expect);
-# recorded in each exported network's meta.json.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from psa_ray.errors import UserError
+
+STRIDE = 8
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """A network's input: `(rgb / 255 - mean) / std` per channel; recorded in every exported
+    network's meta.json (as timm's `pretrained_cfg`) and applied by every reader of images."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class PreActBlock(nn.Module):
@@ -125,35 +139,6 @@ class ResNet38d(nn.Module):
         return [conv4, conv5, conv6]
 
 
-class ResNet50(nn.Module):
-    """torchvision's ResNet-50 (v1.5) with dilation instead of stride in layer3 and layer4.
-
-    Outputs layer2 [512], layer3 [1024], layer4 [2048], all at stride 8. Submodule names are
-    torchvision's (`conv1`, `bn1`, `layer1`..`layer4`), so its checkpoints load by name. Weights
-    are never downloaded here; load them with `weights.load_weights`.
-    """
-
-    name = "resnet50"
-    out_channels = (512, 1024, 2048)
-    # psa's choice carried over: the first conv and the first residual stage (ResNet-38's conv1a
-    # and b2*; detectron2's freeze_at=2). IRN freezes only conv1 and bn1.
-    stem_modules = ("conv1", "bn1", "layer1")
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torchvision.models import resnet50  # here: importing torchvision costs workers ~1 s
-
-        net = resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
-        self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.layer1(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
-        c2 = self.layer2(x)
-        c3 = self.layer3(c2)
-        return [c2, c3, self.layer4(c3)]
-
-
 class BasicBlock(nn.Module):
     """Post-activation residual unit: 3x3 conv (stride, dilation)-BN-ReLU-3x3 conv-BN, + shortcut
     (1x1 conv-BN where the shape changes), ReLU."""
@@ -200,18 +185,87 @@ class TinyNet(nn.Module):
         return [c2, c3, self.layer4(c3)]
 
 
+# The backbones written here; every other name is a timm model (`timm_backbone`).
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     ResNet38d.name: ResNet38d,
-    ResNet50.name: ResNet50,
     TinyNet.name: TinyNet,
 }
 
 
+class BackboneError(UserError):
+    """A backbone name that is neither ours nor a timm model that works at output stride 8."""
+
+
+def timm_backbone(name: str) -> nn.Module:
+    """timm's `name` as a backbone: `features_only=True, output_stride=8`, never downloading
+    (`pretrained=False`; weights come from `weights.load_weights`), its last three feature levels.
+
+    The backbone contract comes from timm's `feature_info`: `out_channels` its channels, the frozen
+    stem every module up to and including the first level at stride 4 (ResNet: conv1, bn1, act1,
+    maxpool, layer1; EfficientNet: conv_stem, bn1, blocks.0, blocks.1). BackboneError for an unknown
+    name or a model timm cannot dilate to stride 8.
+    """
+    import timm  # here: importing timm costs a process about a second
+
+    if not timm.is_model(name):
+        raise BackboneError(f"unknown backbone {name!r}: neither one of {', '.join(sorted(BACKBONES))} "
+                            f"nor a timm model (timm.list_models() lists them)")
+    try:
+        model = timm.create_model(name, pretrained=False, features_only=True, output_stride=STRIDE)
+    except Exception as e:  # noqa: BLE001 - timm raises many types for an unsupported option
+        raise BackboneError(f"timm cannot build {name!r} with features_only at output stride {STRIDE} "
+                            f"({type(e).__name__}: {str(e).strip()[:200]}); pick a convolutional model "
+                            "(resnet50, tf_efficientnet_lite0, convnext_tiny, regnety_016, ...)") from None
+    info: Any = model.feature_info
+    levels = list(range(len(info.channels())))[-3:]
+    reductions = [info.reduction()[i] for i in levels]
+    if len(levels) < 3 or any(r != STRIDE for r in reductions):
+        raise BackboneError(f"timm's {name!r} gives its last feature levels at strides {reductions}, "
+                            f"not {STRIDE}: it cannot be dilated to output stride {STRIDE}")
+    model = timm.create_model(name, pretrained=False, features_only=True, output_stride=STRIDE,
+                              out_indices=tuple(levels))
+    first_stride4 = next(i for i, r in enumerate(info.reduction()) if r >= 4)
+    contract = {"name": name, "out_channels": tuple(info.channels()[i] for i in levels),
+                "stem_modules": tuple(modules_through(model, info.module_name()[first_stride4]))}
+    for attribute, value in contract.items():
+        setattr(model, attribute, value)
+    return model
+
+
+def modules_through(model: nn.Module, last: str) -> list[str]:
+    """The dotted names of the modules that run before `last` (a submodule, named as in timm's
+    `feature_info`: `layer1`, `blocks.1`, or `stages.0` that a FeatureListNet flattens to
+    `stages_0`), and `last`, taking registration order for forward order (as timm's models do)."""
+    present = {name for name, _ in model.named_modules()}
+    last = last if last in present else last.replace(".", "_")
+    names, prefix, module = [], "", model
+    for part in last.split("."):
+        for child_name, child in module.named_children():
+            if child_name == part:
+                module = child
+                break
+            names.append(prefix + child_name)
+        prefix += part + "."
+    return names + [last]
+
+
 def build_backbone(name: str) -> nn.Module:
-    """A freshly initialised backbone by registry name; ValueError naming the valid ones."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name]()
+    """A freshly initialised backbone: one of `BACKBONES`, else a timm model (`timm_backbone`)."""
+    return BACKBONES[name]() if name in BACKBONES else timm_backbone(name)
 
 
-__all__ = ["BACKBONES", "build_backbone", "ResNet38d", "ResNet50", "TinyNet"]
+def default_normalization(name: str) -> Normalization:
+    """The input normalisation of backbone `name` when its weights say nothing else: timm's
+    pretrained config for a timm model (EfficientNet-Lite: 0.5, 0.5), ImageNet's for ours."""
+    if name in BACKBONES:
+        return IMAGENET
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    mean, std = (cfg.mean, cfg.std) if cfg else (IMAGENET.mean, IMAGENET.std)
+    return Normalization((mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
+
+
+__all__ = ["BACKBONES", "IMAGENET", "BackboneError", "Normalization", "build_backbone", "default_normalization",
+           "timm_backbone",
+           "ResNet38d", "TinyNet"]

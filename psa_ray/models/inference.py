@@ -22,28 +22,45 @@ from torch import nn
 from psa_ray.config import TrainConfig, to_dict
 from psa_ray.errors import UserError
 from psa_ray.io.storage import join, read_bytes, write_bytes
-from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from psa_ray.models.backbones import IMAGENET, Normalization
 from psa_ray.models.networks import build_network
-from psa_ray.models.weights import WeightsError, load_weights, read_state
+from psa_ray.models.weights import WeightsError, load_weights, read_state, weights_normalization
 
 MODEL_FILE, META_FILE = "model.pt", "meta.json"
 MIN_DRIVER = {"12": "525", "13": "580"}  # CUDA major version -> the oldest NVIDIA driver that runs it
 
 
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 [H,W,3] -> float [3,H,W] scaled to [0, 1] and normalised with the ImageNet mean and
-    std (the networks' input; training's augmentation ends with the same normalisation)."""
+def to_tensor(rgb: np.ndarray, normalization: Normalization = IMAGENET) -> torch.Tensor:
+    """uint8 [H,W,3] -> float [3,H,W] scaled to [0, 1] and normalised with the network's mean and
+    std (`input_normalization`; training's augmentation ends with the same normalisation)."""
     image = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(normalization.mean).view(3, 1, 1)
+    std = torch.tensor(normalization.std).view(3, 1, 1)
     return (image - mean) / std
 
 
-def network_meta(kind: str, config: TrainConfig, class_names: list[str], radius: int) -> dict[str, Any]:
-    """meta.json of a network trained with `config` on `class_names` (foreground, in label order)."""
+def network_meta(kind: str, config: TrainConfig, class_names: list[str], radius: int,
+                 normalization: Normalization | None = None) -> dict[str, Any]:
+    """meta.json of a network trained with `config` on `class_names` (foreground, in label order),
+    fed images normalised with `normalization` (None: as its backbone weights expect,
+    `weights.weights_normalization`)."""
+    normalization = normalization or weights_normalization(config.backbone_weights, config.backbone)
     return {"kind": kind, "backbone": config.backbone, "num_classes": len(class_names),
             "class_names": list(class_names), "radius": radius, "train": to_dict(config),
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+            "mean": list(normalization.mean), "std": list(normalization.std)}
+
+
+def meta_normalization(meta: dict[str, Any]) -> Normalization:
+    """The input normalisation recorded in a network's meta.json (ImageNet's in older exports)."""
+    mean, std = meta.get("mean", IMAGENET.mean), meta.get("std", IMAGENET.std)
+    return Normalization((mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
+
+
+def input_normalization(model: nn.Module) -> Normalization:
+    """The input normalisation of a network from `load_trained` (ImageNet's for any other)."""
+    normalization = getattr(model, "normalization", IMAGENET)
+    assert isinstance(normalization, Normalization)
+    return normalization
 
 
 def export_network(state: dict[str, torch.Tensor], meta: dict[str, Any], folder: str) -> str:
@@ -85,11 +102,12 @@ def check_weights(option: str, uri: str | None, trained: bool = False) -> None:
 
 def load_trained(weights_uri: str, device: torch.device | str = "cpu") -> nn.Module:
     """A network written by `export_network`, rebuilt from the meta.json beside its weights, in eval mode
-    on `device`, channels-last."""
+    on `device`, channels-last, with the input normalisation it was trained with (`input_normalization`)."""
     meta = read_meta(weights_uri)
     head = meta.get("train", {}).get("segmentation_head", "aspp")  # older exports: ASPP
     model = build_network(meta["kind"], meta["backbone"], meta["num_classes"], head)
     load_weights(model, weights_uri)
+    setattr(model, "normalization", meta_normalization(meta))  # read by `input_normalization`
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
 

@@ -55,7 +55,7 @@ class _WithBackbone(nn.Module):
         for norm in _batch_norms(self):
             norm.requires_grad_(False)
         for name in cast("tuple[str, ...]", self.backbone.stem_modules):
-            getattr(self.backbone, name).requires_grad_(False)
+            self.backbone.get_submodule(name).requires_grad_(False)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> _WithBackbone:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from psa_ray.models.backbones import IMAGENET, Normalization
+from psa_ray.models.inference import input_normalization
 from psa_ray.ops.forward import precision
 
 NORM_EPS = 1e-5
@@ -18,8 +19,9 @@ PSA_EVAL_BACKGROUND = 0.2
 RESAMPLES = ("bilinear", "pil_bicubic")
 
 
-def resize_images(images: Tensor, size: tuple[int, int], resample: str) -> Tensor:
-    """Normalised images [B,3,H,W] -> [B,3,h,w] for size (h, w).
+def resize_images(images: Tensor, size: tuple[int, int], resample: str,
+                  normalization: Normalization = IMAGENET) -> Tensor:
+    """Images [B,3,H,W] normalised with `normalization` -> [B,3,h,w] for size (h, w).
 
     "bilinear": `F.interpolate` of the normalised tensor (no antialias), on its device.
     "pil_bicubic": as psa, PIL bicubic on the uint8 image: the images are turned back into the
@@ -32,8 +34,8 @@ def resize_images(images: Tensor, size: tuple[int, int], resample: str) -> Tenso
         return images
     if resample == "bilinear":
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     pixels = ((images.detach().float().cpu() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
     resized = [Image.fromarray(p.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.Resampling.BICUBIC)
                for p in pixels]
@@ -46,7 +48,8 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
     """images [B,3,H,W] -> CAMs [B,C,H,W] float32, summed over scales (and horizontal flips), not normalised.
 
     `model.cams(x [B,3,h,w])` must return ReLU'd class activation maps [B,C,~h/8,~w/8]. Each
-    scale resizes the images to (round(H*s), round(W*s)) (`resize_images` with `resample`);
+    scale resizes the images to (round(H*s), round(W*s)) (`resize_images` with `resample`, and the
+    input normalisation of the model, `input_normalization`);
     the flipped copies run in
     the same batch, their maps are flipped back, and every map is upsampled to (H, W). With
     `autocast` (e.g. torch.bfloat16) the network runs in that precision.
@@ -61,7 +64,7 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
     with torch.no_grad():
         for scale in scales:
             size = (round(height * scale), round(width * scale))
-            scaled = resize_images(images, size, resample)
+            scaled = resize_images(images, size, resample, input_normalization(model))
             if flip:
                 scaled = torch.cat([scaled, scaled.flip(-1)])
             with precision(images.device, autocast):

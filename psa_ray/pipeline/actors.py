@@ -26,7 +26,8 @@ from psa_ray.ops.pseudo_labels import (
     STRIDE, blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, seed_crf_scores,
     seed_label, tagged_cams, upsample_scores, walk_scores, walk_size)
 from psa_ray.ops.quality import edge_band, label_quality
-from psa_ray.models.inference import autocast_dtype, load_trained, to_tensor
+from psa_ray.models.inference import autocast_dtype, input_normalization, load_trained, to_tensor
+from psa_ray.models.weights import WeightsError
 from psa_ray.pipeline.readers import object_column
 from psa_ray.pipeline.row_errors import ErrorRate, fatal_device_error, free_device_memory, out_of_memory, stage_guard
 from psa_ray.train.loop import ray_device
@@ -120,13 +121,17 @@ class NetworkActor:
         self.autocast = autocast_dtype(self.device, mixed_precision)
         self.cam_net = load_trained(cam_weights, self.device)
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
+        self.normalization = input_normalization(self.cam_net)
+        if self.affinity_net is not None and input_normalization(self.affinity_net) != self.normalization:
+            raise WeightsError(f"{affinity_weights} expects other input normalisation than {cam_weights} "
+                               "(AffinityNet starts from the CAM network's backbone; retrain it from this one)")
         self.cam, self.walk = cam, walk or WalkConfig()
         # an image that runs out of memory alone: its CAMs again at the scales up to 1 only
         self.fewer_scales = replace(cam, scales=tuple(s for s in cam.scales if s <= 1.0) or (min(cam.scales),))
 
     def _rows(self, batch: dict[str, np.ndarray], rows: list[int],
               cam: CamConfig | None = None) -> list[dict[str, Any]]:
-        images = [to_tensor(batch["rgb"][i]).to(self.device) for i in rows]
+        images = [to_tensor(batch["rgb"][i], self.normalization).to(self.device) for i in rows]
         tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], cam or self.cam, self.autocast)
         out: list[dict[str, Any]] = [{"class_ids": class_ids, "cams": cams.cpu().numpy().astype(np.float16)}
                                      for class_ids, cams in tagged]

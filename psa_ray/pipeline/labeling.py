@@ -19,14 +19,14 @@ import numpy as np
 import ray
 import torch
 
-from psa_ray.config import PRESETS, Preset, default_preset, to_dict
+from psa_ray.config import PRESETS, Preset, default_preset, pretrained_preset, to_dict
 from psa_ray.data import CORPORA
 from psa_ray.errors import UserError
 from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, read_bytes, write_bytes
 from psa_ray.io.redact import redact
 from psa_ray.models.inference import check_weights, read_meta
-from psa_ray.models.weights import WeightsError
+from psa_ray.models.weights import WeightsError, builtin_weights
 from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.corpus import (
     READ_CPUS, CorpusIndex, builtin_corpus, committed_keys, corpus_dataset, held_out_rule, prepare_corpus)
@@ -72,10 +72,16 @@ class LabelJob:
 
 def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
     """The preset with the job's overrides (backbone, weights, workers, GPU) applied."""
-    preset = PRESETS[default_preset(job.preset, demo=job.input is None)]
+    name = default_preset(job.preset, demo=job.input is None)
+    preset = PRESETS[pretrained_preset(name) if job.backbone_weights else name]
     overrides: dict[str, Any] = {"use_gpu": use_gpu, "seed": job.seed}
-    if job.backbone:
-        overrides["backbone"] = job.backbone
+    builtin = builtin_weights(job.backbone_weights)
+    if builtin and job.backbone and job.backbone != builtin.backbone:
+        raise UserError(f"--backbone-weights {job.backbone_weights} are for --backbone {builtin.backbone}, "
+                        f"not {job.backbone}")
+    backbone = job.backbone or (builtin.backbone if builtin else None)
+    if backbone:
+        overrides["backbone"] = backbone
     if job.train_workers:
         overrides["num_workers"] = job.train_workers
     if job.epochs:

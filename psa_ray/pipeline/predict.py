@@ -31,7 +31,7 @@ from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
 from psa_ray.pipeline.writers import (
     LabelSink, committed_ids, error_table, shard_columns, shard_defaults, write_row_files, write_table)
 from psa_ray.models.inference import (
-    autocast_dtype, check_weights, load_trained, read_meta, to_tensor)
+    autocast_dtype, check_weights, input_normalization, load_trained, read_meta, to_tensor)
 from psa_ray.train.loop import ray_device
 
 
@@ -55,7 +55,9 @@ class SegmentActor:
         return {**columns, "tag_names": "|".join(present)}
 
     def _rows(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, Any]]:
-        probs = segment_probabilities(self.model, [to_tensor(batch["rgb"][i]).to(self.device) for i in rows],
+        normalization = input_normalization(self.model)
+        probs = segment_probabilities(self.model, [to_tensor(batch["rgb"][i], normalization).to(self.device)
+                                                   for i in rows],
                                       self.autocast)
         return [self._label(p, int(batch["orig_height"][i]), int(batch["orig_width"][i]))
                 for p, i in zip(probs, rows)]

@@ -1,7 +1,7 @@
 """psa's training augmentation with torchvision transforms v2, for an image and its optional target.
 
 Random long-side resize (none when `resize_long` is None: psa's AffinityNet training), horizontal
-flip, colour jitter, ImageNet normalisation and a random crop (padded with 0 for the image, 255 =
+flip, colour jitter, the network's input normalisation and a random crop (padded with 0 for the image, 255 =
 ignore for a label mask, 0 for seed scores), then stacked into a batch. The target is a label map
 [H,W] (seeds, pseudo labels) or stage-B seed scores [2,n+1,H,W] (`io.seeds`); scores are turned
 into AffinityNet's labels on the stride-8 grid after the crop (`ops.affinity.cell_seed_labels`).
@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from psa_ray.config import TrainConfig
 from psa_ray.io.palette import IGNORE
-from psa_ray.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from psa_ray.models.backbones import IMAGENET, Normalization
 from psa_ray.ops.affinity import cell_seed_labels
 
 
@@ -48,7 +48,7 @@ class TrainAugment:
     """Callable turning (rgb uint8 [H,W,3], target uint8 [H,W] or [2,n+1,H,W] | None) into
     ([3,S,S], target [S,S] or [2,n+1,S,S] | None)."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, normalization: Normalization = IMAGENET):
         brightness, contrast, saturation, hue = config.color_jitter
         resize = [] if config.resize_long is None else [RandomLongSideResize(*config.resize_long)]
         self.transform = v2.Compose([
@@ -56,7 +56,7 @@ class TrainAugment:
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness, contrast, saturation, hue),
             v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(normalization.mean, normalization.std),
             v2.RandomCrop(config.crop_size, pad_if_needed=True,
                           fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE, SeedScores: 0}),
         ])

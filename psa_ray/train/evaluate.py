@@ -7,7 +7,7 @@ import numpy as np
 import ray
 import torch
 
-from psa_ray.models.inference import load_trained, to_tensor
+from psa_ray.models.inference import input_normalization, load_trained, to_tensor
 from psa_ray.ops.metrics import average_precision
 from psa_ray.train.loop import ray_device
 
@@ -18,11 +18,12 @@ class TagScores:
     def __init__(self, weights_uri: str):
         self.device = ray_device()
         self.model = load_trained(weights_uri, self.device)
+        self.normalization = input_normalization(self.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            scores = [torch.sigmoid(self.model(to_tensor(rgb)[None].to(self.device)))[0].float().cpu().numpy()
-                      for rgb in batch["rgb"]]
+            images = [to_tensor(rgb, self.normalization)[None].to(self.device) for rgb in batch["rgb"]]
+            scores = [torch.sigmoid(self.model(image))[0].float().cpu().numpy() for image in images]
         return {"scores": np.stack(scores), "tags": np.stack([np.asarray(t, np.float32) for t in batch["tags"]])}
 
 

@@ -22,7 +22,8 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from psa_ray.config import TrainConfig
 from psa_ray.io.storage import join
 from psa_ray.models.inference import (
-    MODEL_FILE, check_cuda, export_network, inference_device, native_bf16, network_meta)
+    MODEL_FILE, check_cuda, export_network, inference_device, meta_normalization, native_bf16, network_meta,
+    read_meta)
 from psa_ray.models.networks import build_network
 from psa_ray.models.weights import load_weights
 from psa_ray.train.tasks import Init, freezes_pretrained, get_task
@@ -109,6 +110,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_network(task.kind, config.backbone, loop_config["num_classes"], config.segmentation_head)
     if freezes_pretrained(config, loop_config.get("init")):
         model.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     precision = train_precision(device, config.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, step, first_loss = 0, 0, None
@@ -127,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # here, in the worker: the driver (which only plans Ray Train) never loads torchvision (~165 MB)
     from psa_ray.train.augment import TrainAugment
-    augment = TrainAugment(config)
+    augment = TrainAugment(config, meta_normalization(loop_config["meta"]))
     per_worker_batch = max(1, config.batch_size // world)
     max_steps = max(1, loop_config["steps_per_epoch"] * config.epochs)
     autocast = PRECISION_DTYPES[precision]
@@ -142,7 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tensors = {"tags": torch.as_tensor(np.stack(batch["tags"]), dtype=torch.float32)}
             if masks is not None:
                 tensors["mask"] = masks
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
             lr = poly_lr(config.lr, step, max_steps, config.poly_power)
             for group in optimizer.param_groups:
@@ -184,7 +187,9 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
     to `<output>/checkpoints/<kind>/model.pt` with `meta.json` beside them.
     """
     storage = join(output_uri, "checkpoints")
-    meta = network_meta(kind, config, class_names, radius)
+    # a network started from another's backbone (AffinityNet, DeepLab) takes its input normalisation
+    meta = network_meta(kind, config, class_names, radius,
+                        meta_normalization(read_meta(init.uri)) if init else None)
     per_step = max(1, config.batch_size // max(1, config.num_workers)) * max(1, config.num_workers)
     loop_config = {"kind": kind, "train": config, "num_classes": len(class_names), "init": init,
                    "radius": radius, "meta": meta, "steps_per_epoch": math.ceil(num_rows / per_step)}
