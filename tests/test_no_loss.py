@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+from ray.data import DataContext
 
 from psa_ray.config import PRESETS
 from psa_ray.data import CLASS_NAMES, SyntheticConfig, write_corpus
 from psa_ray.errors import UserError, run_job
+from psa_ray.io.inputs import read_corpus
 from psa_ray.io.manifest import ERROR_SCHEMA, id_problem, plain_rows
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, read_bytes, write_bytes
@@ -27,7 +29,9 @@ from psa_ray.pipeline.actors import RefineActor
 from psa_ray.pipeline.corpus import BUILTIN_RECORD, READ_CPUS, builtin_corpus
 from psa_ray.pipeline.scoring import evaluation, score_folders
 from psa_ray.models.networks import build_network
-from psa_ray.pipeline.stages import COMMIT_CPUS, NO_PROGRESS_ENV, cpu_only_pipeline, train_stage
+from psa_ray.pipeline.readers import corpus_rows, rows_dataset
+from psa_ray.pipeline.stages import (
+    COMMIT_CPUS, NO_PROGRESS_ENV, cpu_only_pipeline, gpu_pipeline, label_stage, train_stage)
 from psa_ray.pipeline.training import TrainJob, train_network
 from psa_ray.pipeline.writers import (
     EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, IndexSink, drop_retried_errors, error_table, eval_table, read_tables,
@@ -64,6 +68,36 @@ def test_cpu_only_pool_keeps_the_demo_resources_on_two_cpus_and_waits_for_cpus_w
     assert cpu_only_pipeline(demo, 2) == demo.__class__(**{**demo.__dict__, "crf_pool": (2, 2)})
     paper = PRESETS["paper"].pipeline
     assert cpu_only_pipeline(paper, 0) == paper  # autoscaling from zero: the preset's requests
+
+
+@pytest.mark.parametrize("preset", ["paper", "demo"])
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8])
+def test_the_gpu_layout_leaves_a_read_a_decode_a_write_and_a_commit_room(preset, cpus):
+    before = PRESETS[preset].pipeline
+    p = gpu_pipeline(before, cpus)
+    decode = 0 if p.decode_cpus == READ_CPUS else p.decode_cpus  # fused with the reads
+    assert p.gpu_actor_cpus + p.crf_actor_cpus + READ_CPUS + decode + p.write_cpus + COMMIT_CPUS <= cpus + 1e-9
+    assert 0 < p.gpu_actor_cpus <= before.gpu_actor_cpus and 0 < p.crf_actor_cpus <= before.crf_actor_cpus
+    assert (p == before) == (cpus >= {"paper": 5, "demo": 2}[preset])  # the preset's own where they fit
+    assert (p.gpu_pool, p.crf_pool, p.gpu_actor_gpus) == (before.gpu_pool, before.crf_pool, before.gpu_actor_gpus)
+
+
+@pytest.mark.slow
+def test_the_gpu_layout_labels_on_a_node_of_2_cpus(ray_cluster, tmp_path, save_network, monkeypatch):
+    """Stage D's two pools (network actors, then CRF actors) with the paper preset's requests on
+    the 2-CPU Ray, the network actors asking for no GPU: the two whole-CPU actors used to leave
+    the reads no CPU, and the stage waited forever (here: until the no-progress guard)."""
+    monkeypatch.setattr(DataContext.get_current(), "execution_no_progress_timeout_s", 120)
+    manifest = write_corpus(str(tmp_path / "corpus"), SyntheticConfig(num_images=4, min_size=40, max_size=48))
+    weights = {kind: save_network(str(tmp_path / "nets"), kind, build_network(kind, "tiny", len(CLASS_NAMES)))
+               for kind in ("cam", "affinity")}
+    corpus, _ = read_corpus(manifest)
+    paper = PRESETS["paper"]
+    preset = replace(paper, pipeline=replace(paper.pipeline, gpu_actor_gpus=0.0))
+    output = str(tmp_path / "out")
+    label_stage(rows_dataset(corpus_rows(corpus, None)), preset, weights["cam"], weights["affinity"],
+                len(CLASS_NAMES), output, "run", has_gpu=True, evaluate=False)
+    assert len(read_tables(join(output, "shards"))) + len(read_tables(join(output, "errors")) or []) == 4
 
 
 # --------------------------------------------------------------------------- scoring bias

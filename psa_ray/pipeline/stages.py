@@ -69,6 +69,21 @@ def cpu_only_pipeline(p: PipelineConfig, cpus: float) -> PipelineConfig:
     return replace(p, decode_cpus=READ_CPUS, write_cpus=write, crf_actor_cpus=actor, crf_pool=(size, size))
 
 
+def gpu_pipeline(p: PipelineConfig, cpus: float) -> PipelineConfig:
+    """The pipeline's requests on a cluster with GPUs and `cpus` CPUs now: the preset's where a
+    network actor, a CRF actor, a read, a decode, a write and a commit fit in them at once; else
+    decodes ask for READ_CPUS (fused with the reads) and the actors and the write for at most
+    their share of the rest (on a GPU node of 2 CPUs the paper preset's whole-CPU actors left the
+    reads none). A cluster without a whole CPU yet (autoscaling from zero) keeps the preset's."""
+    actors = p.gpu_actor_cpus + p.crf_actor_cpus + p.write_cpus
+    decode = 0.0 if p.decode_cpus == READ_CPUS else p.decode_cpus  # fused with the reads
+    if cpus < 1 or actors + decode + READ_CPUS + COMMIT_CPUS <= cpus:
+        return p
+    scale = min(1.0, (cpus - READ_CPUS - COMMIT_CPUS) / actors)
+    return replace(p, decode_cpus=READ_CPUS, gpu_actor_cpus=_floor(p.gpu_actor_cpus * scale),
+                   crf_actor_cpus=_floor(p.crf_actor_cpus * scale), write_cpus=_floor(p.write_cpus * scale))
+
+
 def _floor(cpus: float) -> float:
     """A CPU request rounded down to a hundredth, so that requests meant to fill a node still fit."""
     return math.floor(cpus * 100) / 100
@@ -79,7 +94,8 @@ def actor_stages(ds: ray.data.Dataset, network_stage: ActorStage, cpu_stage: Act
     """The network stage (CAMs, AffinityNet, walk) then the CPU stage (CRF) on every batch.
 
     With GPUs: a GPU actor pool then a CPU actor pool, each grown by the autoscaler for its own
-    stage. Without: one pool of `StageChain` actors that run both (p: `cpu_only_pipeline`'s).
+    stage (p: `gpu_pipeline`'s). Without: one pool of `StageChain` actors that run both (p:
+    `cpu_only_pipeline`'s).
     """
     if has_gpu:
         ds = ds.map_batches(network_stage[0], fn_constructor_kwargs=network_stage[1], batch_size=p.batch_size,
@@ -113,6 +129,7 @@ def _stall_message(stage: str, p: PipelineConfig, has_gpu: bool) -> str:
     timeout = ray.data.DataContext.get_current().execution_no_progress_timeout_s
     total, free = ray.cluster_resources(), ray.available_resources()
     if has_gpu:
+        p = gpu_pipeline(p, total.get("CPU", 0))
         asks = (f"{p.gpu_pool[0]}-{p.gpu_pool[1]} network actor(s) of {p.gpu_actor_gpus:g} GPU + {p.gpu_actor_cpus:g} "
                 f"CPU, {p.crf_pool[0]}-{p.crf_pool[1]} CRF actor(s) of {p.crf_actor_cpus:g} CPU")
     else:
@@ -144,7 +161,8 @@ def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage
                  has_gpu: bool, folder: str, column: str) -> ray.data.Dataset:
     """Decoded rows through both actor stages, then each row's `column` bytes written to
     `<folder>/<image_id>.png`: the part stages B and D share, before their commit."""
-    p = preset.pipeline if has_gpu else cpu_only_pipeline(preset.pipeline, ray.cluster_resources().get("CPU", 0))
+    cpus = ray.cluster_resources().get("CPU", 0)
+    p = gpu_pipeline(preset.pipeline, cpus) if has_gpu else cpu_only_pipeline(preset.pipeline, cpus)
     ds = decoded_dataset(ds, num_cpus=p.decode_cpus, max_side=p.max_side)
     ds = actor_stages(ds, network_stage, cpu_stage, p, has_gpu)
     return ds.map_batches(write_row_files, num_cpus=p.write_cpus, fn_kwargs={"folder": folder, "column": column})
