@@ -237,10 +237,13 @@ def test_the_built_in_corpus_is_never_written_over_another_one(tmp_path):
     with pytest.raises(UserError, match="3 images, seed 0"):
         train_network("cam", TrainJob(output=str(tmp_path), synthetic_images=5))
     assert sorted(os.listdir(tmp_path / "corpus" / "images")) == images and os.path.getmtime(manifest) == stamp
-    # a corpus that records nothing (the user's own, or an older run's) is not written over either
+    # a corpus written before the record was kept: adopted where it is the one asked for, else refused
     os.remove(tmp_path / "corpus" / BUILTIN_RECORD)
-    with pytest.raises(UserError, match="--input"):
-        builtin_corpus(root, "birds", small)
+    with pytest.raises(UserError, match="not the built-in corpus 'birds' \\(3 images, seed 1\\); pass --input"):
+        builtin_corpus(root, "birds", replace(small, seed=1))
+    assert not os.path.exists(tmp_path / "corpus" / BUILTIN_RECORD)
+    assert builtin_corpus(root, "birds", small) == manifest and os.path.getmtime(manifest) == stamp
+    assert os.path.exists(tmp_path / "corpus" / BUILTIN_RECORD)
 
 
 # --------------------------------------------------------------------------- the paper preset end to end
