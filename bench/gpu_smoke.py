@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     from psa_ray.pipeline.labeling import LabelJob, run
 
     gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():  # else Ray Train would wait for a GPU forever
+        p.error("--device cuda: torch sees no usable GPU here (--device cpu is the quick form)")
     started = time.perf_counter()
     work = args.work_dir or tempfile.mkdtemp(prefix="gpu_smoke_")
     images = args.images or (48 if gpu else 12)
