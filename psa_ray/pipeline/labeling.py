@@ -22,6 +22,7 @@ import torch
 from psa_ray.config import PRESETS, Preset, default_preset, pretrained_preset, to_dict
 from psa_ray.data import CORPORA
 from psa_ray.errors import UserError
+from psa_ray.io.lease import hold
 from psa_ray.io.manifest import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, read_bytes, write_bytes
 from psa_ray.io.redact import redact
@@ -124,9 +125,15 @@ def report_samples(output: str, class_names: list[str], gt: str | None, count: i
 
 
 def run(job: LabelJob) -> dict[str, Any]:
-    """Run stages A-E (skipping what the output already holds); returns the run summary."""
-    started, timings = time.perf_counter(), {}
+    """Run stages A-E (skipping what the output already holds); returns the run summary. The job
+    holds the output's lease (`io.lease`) throughout: another job on the same output is refused."""
     run_id = uuid.uuid4().hex[:12]
+    with hold(absolute(job.output) or job.output, run_id, "label_dataset"):
+        return _run(job, run_id)
+
+
+def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
+    started, timings = time.perf_counter(), {}
     job = replace(job, **{k: absolute(getattr(job, k)) for k in (
         "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
     if not 0.0 <= job.held_out < 0.5:

@@ -5,6 +5,7 @@ for trying a network out on a few thousand images; the labeling job streams any 
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -12,6 +13,7 @@ from psa_ray.config import PRESETS, default_preset
 from psa_ray.data.synthetic import SyntheticConfig, split_ids
 from psa_ray.errors import UserError
 from psa_ray.io.inputs import read_corpus
+from psa_ray.io.lease import hold
 from psa_ray.io.storage import absolute, join
 from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
@@ -44,9 +46,15 @@ class TrainJob:
 
 def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     """Train the `kind` network of `job` (connected to Ray); returns its weights URI, image
-    counts, last-epoch metrics and, for the CAM network, the held-out mAP."""
+    counts, last-epoch metrics and, for the CAM network, the held-out mAP. The job holds the
+    output's lease (`io.lease`) while it runs: another job writing there is refused."""
     job = replace(job, **{k: absolute(getattr(job, k)) for k in (  # workers run elsewhere
         "output", "input", "masks", "init", "backbone_weights")})
+    with hold(job.output, uuid.uuid4().hex[:12], f"train_{kind}"):
+        return _train_network(kind, job)
+
+
+def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     spec = network_spec(kind)
     check_weights("--backbone-weights", job.backbone_weights)
     check_weights("--init", job.init)
