@@ -89,6 +89,9 @@ class TrainConfig:
     # weights and batches in channels-last memory format (on a CPU 10x faster for EfficientNet's
     # depthwise convolutions above 160 px; bench/README.md)
     channels_last: bool = True
+    # torch threads of each training worker: 0 Ray's (one per CPU it asked for); -1 every core of
+    # its machine (a laptop, where nothing else runs while a network trains)
+    torch_threads: int = 0
 
 
 # psa's recipe (jiwoon-ahn/psa train_cls.py, train_aff.py; README "Fidelity to the reference").
@@ -196,14 +199,13 @@ PRESETS: dict[str, Preset] = {
 # converge fast), and the images seen 1.5x enlarged in training (crop 192 of a long side
 # 160-240) and at CAM scales 1.0-2.0 of the native size, nearer ImageNet's object scale than the
 # 96-160 px synthetic images (bench/README.md, "Pretrained backbones", has what each did)
+PRETRAINED_DEMO_TRAIN: dict[str, Any] = dict(crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
+                                             channels_last=True, torch_threads=-1)
 PRESETS["demo_pretrained"] = replace(
     PRESETS["demo"], name="demo_pretrained",
-    cam_train=_demo_train(epochs=6, lr=0.01, crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
-                          channels_last=True),
-    affinity_train=_demo_train(epochs=3, lr=0.01, crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
-                               channels_last=True),
-    deeplab_train=_demo_train(epochs=8, lr=0.005, crop_size=192, resize_long=(160, 240), freeze_pretrained=True,
-                              channels_last=True),
+    cam_train=_demo_train(epochs=5, lr=0.001, **PRETRAINED_DEMO_TRAIN),
+    affinity_train=_demo_train(epochs=3, lr=0.0025, **PRETRAINED_DEMO_TRAIN),
+    deeplab_train=_demo_train(epochs=8, lr=0.005, **PRETRAINED_DEMO_TRAIN),
     cam=replace(PRESETS["demo"].cam, scales=(1.0, 1.5, 2.0)),
 )
 

@@ -63,13 +63,14 @@ def test_registry_builds_ours_and_timms_and_rejects_what_cannot_run_at_stride_8(
     assert set(BACKBONES) == {"resnet38d", "tiny"}
     with pytest.raises(BackboneError, match="unknown backbone 'resnet5'.*resnet38d, tiny.*timm"):
         build_backbone("resnet5")
-    with pytest.raises(BackboneError, match="timm cannot build 'vit_small_patch16_224'.*output stride 8"):
+    with pytest.raises(BackboneError, match="timm cannot run 'vit_small_patch16_224' at output stride 8"):
         build_backbone("vit_small_patch16_224")
-    # timm's feature_info gives the contract: channels, and the stem up to the first stride-4 level
+    # timm's feature_info gives the contract: two levels, the features its classifier pooled (for
+    # EfficientNet the 1280-channel head conv), and the stem up to the first stride-4 level
     lite0 = build_backbone("tf_efficientnet_lite0")
-    assert lite0.out_channels == (40, 112, 320)
+    assert lite0.out_channels == (40, 112, 1280)
     assert lite0.stem_modules == ("conv_stem", "bn1", "blocks.0", "blocks.1")
-    assert build_backbone("convnext_tiny").stem_modules == ("stem_0", "stem_1", "stages_0")
+    assert build_backbone("convnext_tiny").stem_modules == ("stem", "stages.0")
 
 
 def test_tiny_backbone_is_small():

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -185,7 +186,7 @@ class TinyNet(nn.Module):
         return [c2, c3, self.layer4(c3)]
 
 
-# The backbones written here; every other name is a timm model (`timm_backbone`).
+# The backbones written here; every other name is a timm model (`TimmBackbone`).
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     ResNet38d.name: ResNet38d,
     TinyNet.name: TinyNet,
@@ -196,48 +197,60 @@ class BackboneError(UserError):
     """A backbone name that is neither ours nor a timm model that works at output stride 8."""
 
 
-def timm_backbone(name: str) -> nn.Module:
-    """timm's `name` as a backbone: `features_only=True, output_stride=8`, never downloading
-    (`pretrained=False`; weights come from `weights.load_weights`), its last three feature levels.
+class TimmBackbone(nn.Module):
+    """timm's model `name` as a backbone: built at output stride 8 without its classifier, never
+    downloading (`pretrained=False`; weights come from `weights.load_weights`).
 
-    The backbone contract comes from timm's `feature_info`: `out_channels` its channels, the frozen
-    stem every module up to and including the first level at stride 4 (ResNet: conv1, bn1, act1,
-    maxpool, layer1; EfficientNet: conv_stem, bn1, blocks.0, blocks.1). BackboneError for an unknown
-    name or a model timm cannot dilate to stride 8.
+    Its three outputs are the two feature levels before the last (timm's `forward_intermediates`)
+    and the features its ImageNet classifier pooled (`forward_features`: ResNet's layer4,
+    EfficientNet's 1280-channel head conv after BN and ReLU6), on which the CAM is defined. The
+    timm model's submodules are this module's own, under timm's names, so checkpoints of timm's
+    layout load by name. The contract comes from timm's `feature_info`: the frozen stem is every
+    module up to and including the first level at stride 4 (ResNet: conv1, bn1, act1, maxpool,
+    layer1; EfficientNet: conv_stem, bn1, blocks.0, blocks.1). BackboneError for an unknown name or
+    a model timm cannot dilate to stride 8.
     """
-    import timm  # here: importing timm costs a process about a second
 
-    if not timm.is_model(name):
-        raise BackboneError(f"unknown backbone {name!r}: neither one of {', '.join(sorted(BACKBONES))} "
-                            f"nor a timm model (timm.list_models() lists them)")
-    try:
-        model = timm.create_model(name, pretrained=False, features_only=True, output_stride=STRIDE)
-    except Exception as e:  # noqa: BLE001 - timm raises many types for an unsupported option
-        raise BackboneError(f"timm cannot build {name!r} with features_only at output stride {STRIDE} "
-                            f"({type(e).__name__}: {str(e).strip()[:200]}); pick a convolutional model "
-                            "(resnet50, tf_efficientnet_lite0, convnext_tiny, regnety_016, ...)") from None
-    info: Any = model.feature_info
-    levels = list(range(len(info.channels())))[-3:]
-    reductions = [info.reduction()[i] for i in levels]
-    if len(levels) < 3 or any(r != STRIDE for r in reductions):
-        raise BackboneError(f"timm's {name!r} gives its last feature levels at strides {reductions}, "
-                            f"not {STRIDE}: it cannot be dilated to output stride {STRIDE}")
-    model = timm.create_model(name, pretrained=False, features_only=True, output_stride=STRIDE,
-                              out_indices=tuple(levels))
-    first_stride4 = next(i for i, r in enumerate(info.reduction()) if r >= 4)
-    contract = {"name": name, "out_channels": tuple(info.channels()[i] for i in levels),
-                "stem_modules": tuple(modules_through(model, info.module_name()[first_stride4]))}
-    for attribute, value in contract.items():
-        setattr(model, attribute, value)
-    return model
+    def __init__(self, name: str):
+        super().__init__()
+        import timm  # here: importing timm costs a process about a second
+
+        if not timm.is_model(name):
+            raise BackboneError(f"unknown backbone {name!r}: neither one of {', '.join(sorted(BACKBONES))} "
+                                f"nor a timm model (timm.list_models() lists them)")
+        try:
+            model: Any = timm.create_model(name, pretrained=False, num_classes=0, output_stride=STRIDE)
+            info: list[dict[str, Any]] = model.feature_info
+            self.levels = [len(info) - 3, len(info) - 2]
+            for child_name, child in model.named_children():
+                self.add_module(child_name, child)
+            object.__setattr__(self, "timm_model", model)  # not a submodule: its children are ours
+            with torch.no_grad():
+                shapes = [tuple(f.shape[-2:]) for f in self.eval()(torch.zeros(1, 3, 64, 64))]
+        except Exception as e:  # noqa: BLE001 - timm raises many types for an unsupported option
+            raise BackboneError(f"timm cannot run {name!r} at output stride {STRIDE} "
+                                f"({type(e).__name__}: {str(e).strip()[:200]}); pick a convolutional model "
+                                "(resnet50, tf_efficientnet_lite0, convnext_tiny, regnety_016, ...)") from None
+        if any(shape != (64 // STRIDE, 64 // STRIDE) for shape in shapes):
+            raise BackboneError(f"timm's {name!r} gives features of {shapes} for a 64x64 image: it cannot "
+                                f"be dilated to output stride {STRIDE}")
+        self.name = name
+        self.pretrained_cfg: dict[str, Any] = dict(model.pretrained_cfg)
+        self.out_channels = (info[self.levels[0]]["num_chs"], info[self.levels[1]]["num_chs"], model.num_features)
+        first_stride4 = next(level["module"] for level in info if level["reduction"] >= 4)
+        self.stem_modules = tuple(modules_through(self, first_stride4))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        final, intermediates = self.timm_model.forward_intermediates(x, indices=self.levels)
+        return [*intermediates, final]
+
+    timm_model: Any  # the timm model whose children these are (set in __init__)
 
 
 def modules_through(model: nn.Module, last: str) -> list[str]:
-    """The dotted names of the modules that run before `last` (a submodule, named as in timm's
-    `feature_info`: `layer1`, `blocks.1`, or `stages.0` that a FeatureListNet flattens to
-    `stages_0`), and `last`, taking registration order for forward order (as timm's models do)."""
-    present = {name for name, _ in model.named_modules()}
-    last = last if last in present else last.replace(".", "_")
+    """The dotted names of the modules that run before `last` (a dotted submodule name, as in
+    timm's `feature_info`: `layer1`, `blocks.1`, `stages.0`), and `last`, taking registration
+    order for forward order (as timm's models do)."""
     names, prefix, module = [], "", model
     for part in last.split("."):
         for child_name, child in module.named_children():
@@ -250,8 +263,8 @@ def modules_through(model: nn.Module, last: str) -> list[str]:
 
 
 def build_backbone(name: str) -> nn.Module:
-    """A freshly initialised backbone: one of `BACKBONES`, else a timm model (`timm_backbone`)."""
-    return BACKBONES[name]() if name in BACKBONES else timm_backbone(name)
+    """A freshly initialised backbone: one of `BACKBONES`, else a timm model (`TimmBackbone`)."""
+    return BACKBONES[name]() if name in BACKBONES else TimmBackbone(name)
 
 
 def default_normalization(name: str) -> Normalization:
@@ -267,5 +280,5 @@ def default_normalization(name: str) -> Normalization:
 
 
 __all__ = ["BACKBONES", "IMAGENET", "BackboneError", "Normalization", "build_backbone", "default_normalization",
-           "timm_backbone",
+           "TimmBackbone",
            "ResNet38d", "TinyNet"]

@@ -10,7 +10,7 @@ Known formats (`key_map`):
   same names); `fc.*` is always ignored;
 - "efficientnet_pytorch": lukemelas/EfficientNet-PyTorch's layout (`_conv_stem`, `_blocks.N.*`,
   `_conv_head`, `_fc`), mapped in order onto timm's model of the same architecture (its tensors
-  come in the same order); the classifier head (`conv_head`, `bn2`, `classifier`) loads where the
+  come in the same order); the ImageNet classifier (`_fc`, timm's `classifier`) loads where the
   model has one and is ignored by a backbone.
 With `key_map=None` a psa, torchvision or efficientnet_pytorch checkpoint is recognised by its keys.
 
@@ -49,7 +49,7 @@ _PSA_HEADS = {"fc8": "classifier", "f8_3": "reduce.0", "f8_4": "reduce.1", "f8_5
 # Older checkpoints (PyTorch < 0.4.1, the mxnet conversion) have no BatchNorm step counters.
 _OPTIONAL_SUFFIX = "num_batches_tracked"
 _LISTED = 10
-_EFFICIENTNET_HEADS = ("conv_head", "bn2", "classifier")  # timm's names
+_EFFICIENTNET_HEADS = ("classifier",)  # timm's name of the ImageNet classifier
 
 
 class WeightsError(UserError):

@@ -240,7 +240,8 @@ def held_out_ap(index: CorpusIndex, fraction: float, preset: Preset, cam_weights
     decoded = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
                               max_side=preset.pipeline.max_side).map_batches(drop_failed)
     result = {**classifier_ap(cam_weights, decoded, class_names, num_cpus=preset.pipeline.gpu_actor_cpus,
-                              num_gpus=preset.pipeline.gpu_actor_gpus if has_gpu else 0.0),
+                              num_gpus=preset.pipeline.gpu_actor_gpus if has_gpu else 0.0,
+                              scales=preset.cam.scales),
               "rule": held_out_rule(fraction)}
     if not result["images"]:
         return None

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import torch.nn.functional as F
 
 from psa_ray.models.inference import input_normalization, load_trained, to_tensor
 from psa_ray.ops.metrics import average_precision
@@ -13,26 +14,34 @@ from psa_ray.train.loop import ray_device
 
 
 class TagScores:
-    """Ray Data actor: a CAM network's tag probabilities [C] of each decoded row (whole image, one scale)."""
+    """Ray Data actor: a CAM network's tag probabilities [C] of each decoded row: the whole image at
+    each of `scales` (those of its CAMs), the sigmoid of the mean logits."""
 
-    def __init__(self, weights_uri: str):
+    def __init__(self, weights_uri: str, scales: tuple[float, ...] = (1.0,)):
         self.device = ray_device()
         self.model = load_trained(weights_uri, self.device)
-        self.normalization = input_normalization(self.model)
+        self.normalization, self.scales = input_normalization(self.model), scales
+
+    def _scores(self, rgb: np.ndarray) -> np.ndarray:
+        image = to_tensor(rgb, self.normalization)[None].to(self.device)
+        logits = [self.model(F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
+                             if s != 1.0 else image) for s in self.scales]
+        scores: np.ndarray = torch.sigmoid(torch.stack(logits).mean(dim=0))[0].float().cpu().numpy()
+        return scores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            images = [to_tensor(rgb, self.normalization)[None].to(self.device) for rgb in batch["rgb"]]
-            scores = [torch.sigmoid(self.model(image))[0].float().cpu().numpy() for image in images]
+            scores = [self._scores(rgb) for rgb in batch["rgb"]]
         return {"scores": np.stack(scores), "tags": np.stack([np.asarray(t, np.float32) for t in batch["tags"]])}
 
 
 def classifier_ap(weights_uri: str, dataset: ray.data.Dataset, class_names: list[str],
-                  num_cpus: float = 0.5, num_gpus: float = 0.0) -> dict[str, Any]:
+                  num_cpus: float = 0.5, num_gpus: float = 0.0, scales: tuple[float, ...] = (1.0,)) -> dict[str, Any]:
     """Classification AP of a CAM network over decoded rows (`rgb`, multi-hot `tags`), run in one
     Ray actor: {"images", "map", "ap": {class: AP or None (no positive)}}. The driver holds the
     scores of these rows only (a held-out share of the training sample)."""
-    scored = dataset.map_batches(TagScores, fn_constructor_kwargs={"weights_uri": weights_uri}, batch_size=16,
+    scored = dataset.map_batches(TagScores, fn_constructor_kwargs={"weights_uri": weights_uri, "scales": scales},
+                                 batch_size=16,
                                  compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus)
     scores, targets = [], []
     for batch in scored.iter_batches(batch_size=256, batch_format="numpy"):

@@ -103,6 +103,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
+    if config.torch_threads:  # else Ray's: one per CPU the worker asked for
+        torch.set_num_threads((os.cpu_count() or 1) if config.torch_threads < 0 else config.torch_threads)
     device = get_device()
     if granted_gpus():
         check_cuda(granted_gpus())  # get_device() would fall back to the CPU without a word
