@@ -3,7 +3,9 @@ lease, loss; on a fake clock, a local folder and S3 (moto)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 
 import pytest
 
@@ -170,3 +172,42 @@ def test_s3_store_conditional_writes(s3_bucket):
 
     results = _race(lambda i: Lease(out, f"run{i}", S3Store(out, settle_s=0.2), machine=f"m{i}"), count=4)
     assert sorted(results) == ["held"] + ["refused"] * 3
+
+
+def test_local_release_leaves_no_lease_files_and_no_folder_it_made(tmp_path):
+    out = tmp_path / "new"
+    with hold(str(out), "run1", ttl_s=60):
+        assert sorted(os.listdir(out)) == [LEASE_FILE, LEASE_FILE + ".lock"]
+    assert not out.exists(), "a job that wrote nothing leaves nothing"
+    with hold(str(out), "run2", ttl_s=60):
+        (out / "run.json").write_text("{}")
+    assert os.listdir(out) == ["run.json"]
+
+
+def test_local_leases_taken_and_released_in_a_loop_never_have_two_holders(tmp_path):
+    holders, most, errors = [0], [0], []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        try:
+            for n in range(25):
+                lease = Lease(str(tmp_path / "out"), f"run{i}-{n}", LocalStore(str(tmp_path / "out")), machine=f"m{i}")
+                try:
+                    lease.acquire()
+                except LeaseHeldError:
+                    continue
+                with lock:
+                    holders[0] += 1
+                    most[0] = max(most[0], holders[0])
+                time.sleep(0.002)  # held a while: another holder now would show
+                with lock:
+                    holders[0] -= 1
+                lease.release()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and most[0] == 1, (errors, most)

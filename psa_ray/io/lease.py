@@ -109,25 +109,39 @@ class MemoryStore:
 
 class LocalStore:
     """`<folder>/lease.json`; every operation under an exclusive flock on `lease.json.lock`, the
-    content itself as the version."""
+    content itself as the version. The release removes the lock file too, and the folder if the
+    lease made it and nothing else was written there (a job refused at its start leaves nothing)."""
 
     settle_s = 0.0
 
     def __init__(self, folder: str):
+        self.folder = folder
         self.path = os.path.join(folder, LEASE_FILE)
         self.lock_path = self.path + ".lock"
+        self.made_folder = not os.path.exists(folder)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
+        while True:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except (FileNotFoundError, FileExistsError):  # the folder removed meanwhile (`delete`)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # the lock file may have been removed (`delete`) while we waited: lock the new one
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    yield
+                    return
+            finally:
+                os.close(fd)  # releases the flock
 
     def _read(self) -> bytes | None:
         try:
@@ -163,8 +177,15 @@ class LocalStore:
 
     def delete(self, version: Any) -> None:
         with self._locked():
-            if version is not None and self._read() == version:
-                os.remove(self.path)
+            if version is None or self._read() != version:
+                return
+            os.remove(self.path)
+            os.remove(self.lock_path)  # waiters see it gone and lock a new one (`_locked`)
+            if self.made_folder:
+                try:
+                    os.rmdir(self.folder)
+                except OSError:  # the job wrote there
+                    pass
 
 
 class S3Store:
@@ -433,7 +454,7 @@ def hold(output_uri: str, run_id: str, job: str = "", *, store: LeaseStore | Non
     renewer.start()
     try:
         yield lease
-    except KeyboardInterrupt:
+    except BaseException:  # the interrupt, or what the code it stopped made of it
         if renewer.lost:
             raise LeaseLostError(f"this job stopped: its lease on {redact(output_uri)} was lost "
                                  f"({renewer.lost}); the job now holding it goes on") from None
