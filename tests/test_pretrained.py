@@ -91,3 +91,19 @@ def test_the_job_labels_with_lite0_and_every_network_records_its_normalisation(r
         assert meta["backbone"] == "tf_efficientnet_lite0"
         assert meta_normalization(meta) == BUILTIN_WEIGHTS["efficientnet_lite0"].normalization
     assert len(list((out / "labels").glob("*.png"))) == 10
+
+
+def test_safetensors_weights_load_like_a_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    from psa_ray.models.networks import CamNet
+
+    source = CamNet("tf_efficientnet_lite0", 3)
+    path = tmp_path / "cam.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    target = CamNet("tf_efficientnet_lite0", 3)
+    assert not load_weights(target, str(path)).missing
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        read_state(str(tmp_path / "broken.safetensors"))

@@ -1,6 +1,7 @@
 """Loading weights into our networks from a local path or an `s3://` URI, renaming foreign keys.
 
-Known formats (`key_map`):
+Files: a `torch.save`d state dict (`.pth`, `.pt`, unpickled with `weights_only=True`) or a
+`.safetensors` file. Known layouts (`key_map`):
 - None: ours, `model.state_dict()` of a backbone or of a network (`backbone.*` + head keys);
 - "psa_resnet38": jiwoon-ahn/psa checkpoints (res38_cls.pth, res38_aff.pth, the converted
   ImageNet ResNet-38): backbone keys without prefix (`conv1a.weight`, `b2_1.bn_branch2a.*`, `bn7.*`),
@@ -146,20 +147,27 @@ def load_weights(model: nn.Module, uri: str, *, strict: bool = True,
 
 
 def read_state(uri: str) -> dict[str, torch.Tensor]:
-    """The state dict in the checkpoint file at `uri` (see `load_weights`); WeightsError if the file
-    is missing, is not a weights-only PyTorch checkpoint or holds no state dict. The jobs call it on
+    """The state dict in the checkpoint file at `uri` (see `load_weights`; a `.safetensors` file is
+    read as safetensors); WeightsError if the file is missing, is not a weights-only PyTorch
+    checkpoint (or safetensors file) or holds no state dict. The jobs call it on
     the driver for the weights they are given, so that such a file stops the job before any work
     (at the cost of holding the tensors once, briefly)."""
     try:
         data = read_bytes(builtin_path(uri) if builtin_weights(uri) else uri)
     except FileNotFoundError:
         raise WeightsError(f"{uri}: not found") from None
+    safetensors = uri.endswith(".safetensors")
     try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if safetensors:
+            from safetensors.torch import load as load_safetensors
+
+            checkpoint: Any = load_safetensors(data)
+        else:
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights checkpoint"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise WeightsError(f"{uri}: not a weights-only PyTorch checkpoint "
-                           f"({type(e).__name__}: {first_line[:300]})") from e
+        kind = "safetensors file" if safetensors else "weights-only PyTorch checkpoint"
+        raise WeightsError(f"{uri}: not a {kind} ({type(e).__name__}: {first_line[:300]})") from e
     return _state_dict_of(checkpoint, uri)
 
 
