@@ -385,11 +385,13 @@ def test_user_errors_end_the_job_with_one_error_line_and_status_2(ray_cluster, t
         ("predict", "--checkpoint", garbage, "--input", str(tmp_path), *out): "--checkpoint",
         ("evaluate", str(tmp_path / "no_labels"), "--gt", str(tmp_path)): "no label PNGs",
     }
-    # the jobs run side by side (each is mostly its imports): the 2-core suite's time
-    running = {(job, *args): subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args],
+    # the jobs run side by side (each is mostly its imports): the 2-core suite's time; each on its
+    # own output (a job on an output that another one is writing is refused: io.lease)
+    running = {(job, *args): subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"),
+                                               *[f"{a}_{i}" if a == out[1] else a for a in args]],
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                               env={**os.environ, "RAY_ADDRESS": ray_cluster})
-               for job, *args in cases}
+               for i, (job, *args) in enumerate(cases)}
     for (job, *args), phrase in cases.items():
         process = running[(job, *args)]
         _, stderr = process.communicate(timeout=300)
