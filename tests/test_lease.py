@@ -211,3 +211,12 @@ def test_local_leases_taken_and_released_in_a_loop_never_have_two_holders(tmp_pa
     for t in threads:
         t.join()
     assert not errors and most[0] == 1, (errors, most)
+
+
+def test_hold_on_an_s3_output(s3_bucket):
+    out = f"{s3_bucket}/held"
+    with hold(out, "run1", "train_cam", ttl_s=60):
+        with pytest.raises(LeaseHeldError, match=r"run run1 \(train_cam, pid"):
+            with hold(out, "run2", ttl_s=60):
+                pass
+    assert S3Store(out).read() == (None, None), "released"
