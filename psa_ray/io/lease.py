@@ -29,6 +29,7 @@ import _thread
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -449,7 +450,7 @@ def hold(output_uri: str, run_id: str, job: str = "", *, store: LeaseStore | Non
     if lease.took_over:
         print(f"lease: took over the lease of run {lease.took_over.get('run_id', '?')} "
               f"(pid {lease.took_over.get('pid', '?')} on {lease.took_over.get('host', '?')}): expired, "
-              "or its process is gone", flush=True)
+              "or its process is gone", file=sys.stderr, flush=True)
     renewer = Renewer(lease, on_lost)
     renewer.start()
     try:
