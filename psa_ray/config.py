@@ -203,7 +203,7 @@ PRETRAINED_DEMO_TRAIN: dict[str, Any] = dict(crop_size=192, resize_long=(160, 24
                                              channels_last=True, torch_threads=-1)
 PRESETS["demo_pretrained"] = replace(
     PRESETS["demo"], name="demo_pretrained",
-    cam_train=_demo_train(epochs=5, lr=0.001, **PRETRAINED_DEMO_TRAIN),
+    cam_train=_demo_train(epochs=4, lr=0.01, **PRETRAINED_DEMO_TRAIN),
     affinity_train=_demo_train(epochs=3, lr=0.0025, **PRETRAINED_DEMO_TRAIN),
     deeplab_train=_demo_train(epochs=8, lr=0.005, **PRETRAINED_DEMO_TRAIN),
     cam=replace(PRESETS["demo"].cam, scales=(1.0, 1.5, 2.0)),
