@@ -97,13 +97,16 @@ def test_two_jobs_started_together_on_one_output_one_labels_the_other_is_refused
     assert not os.path.exists(os.path.join(out, LEASE_FILE)), "released at the end"
 
 
+# The stages as the output shows them (the one after the last whose files are there), in order.
+STAGES = ("start-up", "corpus", "CAM training (A)", "held-out AP or seeds (B)", "seeds (B) or AffinityNet (C)",
+          "labels (D)")
+_MARKS = (("labels (D)", "checkpoints/affinity/model.pt"), ("seeds (B) or AffinityNet (C)", "index/seeds"),
+          ("held-out AP or seeds (B)", "checkpoints/cam/model.pt"), ("CAM training (A)", "rows/_corpus.json"),
+          ("corpus", "corpus"))
+
+
 def _stage_reached(output: str) -> str:
-    """The stage the output shows the job in at the kill (for the test's report): the one after
-    the last whose files are there."""
-    marks = [("labels (D)", "shards"), ("labels (D)", "checkpoints/affinity/model.pt"),
-             ("seeds (B) or AffinityNet (C)", "index/seeds"), ("held-out AP or seeds (B)", "checkpoints/cam/model.pt"),
-             ("CAM training (A)", "rows/_corpus.json"), ("corpus", "corpus")]
-    return next((stage for stage, path in marks if os.path.exists(os.path.join(output, path))), "start-up")
+    return next((stage for stage, path in _MARKS if os.path.exists(os.path.join(output, path))), "start-up")
 
 
 def _kill_whole_job(proc: subprocess.Popen, marker: str) -> None:
@@ -121,7 +124,7 @@ def _kill_whole_job(proc: subprocess.Popen, marker: str) -> None:
 @pytest.mark.slow
 def test_three_sigkills_of_the_whole_job_then_reruns_leave_every_row_once(tmp_path):
     # Each run starts its own local Ray (RAY_ADDRESS=local), and the kill takes it down with the
-    # driver. The moments: uniform over the duration of an unkilled run of the same command.
+    # driver. The moments: random within the duration of an unkilled run of the same command.
     marker = f"exactly-once-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", HOME=str(tmp_path),
@@ -133,22 +136,35 @@ def test_three_sigkills_of_the_whole_job_then_reruns_leave_every_row_once(tmp_pa
     RayNode("", marker).kill()  # nothing of it may linger into the killed runs
     assert reference.returncode == 0, reference.stderr[-3000:]
 
+    # One kill in each of stages A, B-C and D: a run starts, and once the output shows it in the
+    # stage, it is killed after a random share of that stage's time in the reference run.
+    with open(os.path.join(tmp_path, "reference", "run.json")) as f:
+        took = json.load(f)["timings_s"]
+    targets = {"CAM training (A)": took["train_cam"],
+               "seeds (B) or AffinityNet (C)": took["seeds"] + took["train_affinity"],
+               "labels (D)": took["labels"]}
     out, rng, killed = str(tmp_path / "out"), random.Random(27), []
     log = str(tmp_path / "killed.log")
-    for moment in [rng.uniform(0.05, 0.95) * duration for _ in range(3)]:
+    for target, seconds in targets.items():
+        moment = rng.random() * seconds
         with open(log, "w") as log_file:
             proc = subprocess.Popen(_label_job(out), env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+        started = time.monotonic()
+        while proc.poll() is None and STAGES.index(_stage_reached(out)) < STAGES.index(target):
+            assert time.monotonic() - started < 600, f"not in {target} within 600 s"
+            time.sleep(0.1)
         try:
             code = proc.wait(timeout=moment)
         except subprocess.TimeoutExpired:
             _kill_whole_job(proc, marker)
-            killed.append((round(moment, 1), _stage_reached(out)))
-        else:  # a rerun that had less left to do than its moment
+            killed.append((target, round(moment, 1), round(time.monotonic() - started, 1), _stage_reached(out)))
+        else:  # the run ended first
             RayNode("", marker).kill()
             assert code == 0, _tail(log)
-            killed.append((round(moment, 1), "finished"))
-    print(f"reference run {duration:.0f} s; kills (moment s, furthest stage on disk): {killed}")
+            killed.append((target, round(moment, 1), "finished"))
+    print(f"reference run {duration:.0f} s {took}; kills (stage aimed at, s into it, s into the run, the "
+          f"stage on disk): {killed}")
 
     for attempt in range(3):  # rerun until done
         rerun = subprocess.run(_label_job(out), env=env, capture_output=True, text=True, timeout=600)
