@@ -3,6 +3,7 @@ per (corpus, backbone, seed), as a user runs it.
 
     python bench/backbones.py                                  # birds and hard, tiny and lite0, seeds 0-2
     python bench/backbones.py --corpus hard --backbones lite0 --seeds 0
+    python bench/backbones.py --collect --work DIR          # only the finished runs under DIR
 
 Each run is `python jobs/label_dataset.py --corpus C --seed S --output <work>/C_B_sS` plus the
 backbone's flags (`BACKBONE_FLAGS`); an output that already holds a run.json is read, not rerun.
@@ -48,7 +49,7 @@ def run_once(corpus: str, backbone: str, seed: int, work: str) -> dict[str, Any]
     return {"corpus": corpus, "backbone": backbone, "seed": seed, "command": " ".join(command[1:]),
             "preset": run["preset"]["name"], "held_out_map": (run["cam_held_out"] or {}).get("map"),
             "miou": {v: metrics[v]["miou"] for v in VARIANTS},
-            "iou": {v: metrics[v]["iou"] for v in VARIANTS}, "class_names": ["background", *metrics["class_names"]],
+            "iou": {v: metrics[v]["iou"] for v in VARIANTS}, "class_names": metrics["class_names"],
             "timings_s": run["timings_s"], "warnings": run["warnings"]}
 
 
@@ -85,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", nargs="+", choices=sorted(BACKBONE_FLAGS), default=["tiny", "lite0"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--collect", action="store_true", help="run nothing: table the finished runs of the grid")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
-    runs = [run_once(corpus, backbone, seed, args.work)
-            for corpus in args.corpus for backbone in args.backbones for seed in args.seeds]
+    grid = [(corpus, backbone, seed) for corpus in args.corpus for backbone in args.backbones for seed in args.seeds]
+    if args.collect:
+        grid = [g for g in grid if os.path.exists(os.path.join(args.work, "{}_{}_s{}".format(*g), "run.json"))]
+    runs = [run_once(corpus, backbone, seed, args.work) for corpus, backbone, seed in grid]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         json.dump({"command": " ".join(["python bench/backbones.py", *(sys.argv[1:] if argv is None else argv)]),
