@@ -4,12 +4,15 @@ per (corpus, backbone, seed), as a user runs it.
     python bench/backbones.py                                  # birds and hard, tiny and lite0, seeds 0-2
     python bench/backbones.py --corpus hard --backbones lite0 --seeds 0
     python bench/backbones.py --collect --work DIR          # only the finished runs under DIR
+    python bench/backbones.py --collect --work DIR --corpus hard --seeds 1 --picture hard_000004
 
 Each run is `python jobs/label_dataset.py --corpus C --seed S --output <work>/C_B_sS` plus the
 backbone's flags (`BACKBONE_FLAGS`); an output that already holds a run.json is read, not rerun.
 Per run: the CAM network's held-out tag mAP, the mIoU and per-class IoU of CAM, psa's CAM rule,
 CAM+CRF, the walk and the final labels, and run.json's seconds per stage. Writes
-bench/results/backbones.json (with the machine) and prints the markdown tables.
+bench/results/backbones.json (with the machine) and prints the markdown tables. `--picture ID`
+stacks each backbone's report picture of image ID (first corpus and seed of the grid), tiny on top,
+into bench/results/backbones_<corpus>_s<seed>_<ID>.png.
 """
 from __future__ import annotations
 
@@ -74,6 +77,21 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(work: str, corpus: str, seed: int, backbones: list[str], image_id: str, folder: str) -> str:
+    """The report pictures of one image from each backbone's run, stacked top to bottom (PNG path)."""
+    from PIL import Image
+
+    pictures = [Image.open(os.path.join(work, f"{corpus}_{b}_s{seed}", "report", f"{image_id}.png")).convert("RGB")
+                for b in backbones]
+    width = max(p.width for p in pictures)
+    stacked = Image.new("RGB", (width, sum(p.height for p in pictures)), "white")
+    for k, picture in enumerate(pictures):
+        stacked.paste(picture, (0, sum(p.height for p in pictures[:k])))
+    path = os.path.join(folder, f"backbones_{corpus}_s{seed}_{image_id}.png")
+    stacked.save(path)
+    return path
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -87,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--collect", action="store_true", help="run nothing: table the finished runs of the grid")
+    p.add_argument("--picture", metavar="ID", help="stack the backbones' report pictures of this image")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     grid = [(corpus, backbone, seed) for corpus in args.corpus for backbone in args.backbones for seed in args.seeds]
@@ -99,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": describe_machine(), "runs": runs}, f, indent=2)
     print(markdown(runs))
     print(f"\nwrote {args.results}")
+    if args.picture:
+        print("wrote", side_by_side(args.work, args.corpus[0], args.seeds[0], args.backbones, args.picture,
+                                    os.path.dirname(os.path.abspath(args.results))))
     return 0
 
 

@@ -58,7 +58,7 @@ from psa_ray.ops.pseudo_labels import (  # noqa: E402
 from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
 from psa_ray.pipeline.writers import read_tables  # noqa: E402
 from psa_ray.models.inference import (  # noqa: E402
-    autocast_dtype, export_network, input_normalization, load_trained, network_meta, to_tensor)
+    autocast_dtype, export_network, load_trained, model_input, network_meta)
 from psa_ray.models.networks import build_network  # noqa: E402
 
 DEFAULT_IMAGES, QUICK_IMAGES = 128, 4
@@ -137,10 +137,11 @@ def sequential_run(spec: dict[str, Any], output: str, part: int = 0, parts: int 
         with clock("decode"):
             rgb = decode_image(data)
         with clock("cam"):
-            image = to_tensor(rgb, input_normalization(cam_net)).to(device)
-            [(class_ids, cams)] = tagged_cams(cam_net, [image], [row["tags"]], preset.cam, autocast)
+            [(class_ids, cams)] = tagged_cams(cam_net, [model_input(rgb, cam_net)], [row["tags"]], preset.cam,
+                                              autocast)
         with clock("walk"):
-            walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()
+            walked = walk_scores(affinity_net, [model_input(rgb, affinity_net)], [cams], preset.walk,
+                                 autocast)[0].cpu().numpy()
         with clock("upsample"):
             scores = upsample_scores(walked, *rgb.shape[:2], preset.walk)
         with clock("crf"):

@@ -54,6 +54,22 @@ def test_constant_image_gives_scales_times_flips_times_value() -> None:
     torch.testing.assert_close(single[0, 0], torch.full((24, 40), 0.6))
 
 
+def test_min_side_upscales_a_small_image_before_the_scales() -> None:
+    sizes: list[tuple[int, ...]] = []
+
+    class SizeRecorder(FakeCamNet):
+        def cams(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(tuple(x.shape[-2:]))
+            return super().cams(x)
+
+    images = torch.rand(1, 3, 24, 40)
+    cams = class_activation_maps(SizeRecorder().eval(), images, (1.0, 0.5), flip=False, min_side=48)
+    assert sizes == [(48, 80), (24, 40)] and cams.shape == (1, 2, 24, 40)
+    sizes.clear()
+    class_activation_maps(SizeRecorder().eval(), images, (1.0,), flip=False, min_side=16)  # large enough already
+    assert sizes == [(24, 40)]
+
+
 def test_flip_equivariance() -> None:
     torch.manual_seed(1)
     half = torch.rand(1, 3, 32, 24)

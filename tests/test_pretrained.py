@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from psa_ray.models.backbones import Normalization
+from psa_ray.models.backbones import Normalization, default_normalization
 from psa_ray.models.inference import meta_normalization, to_tensor
 from psa_ray.models.weights import BUILTIN_WEIGHTS, WeightsError, builtin_weights, load_weights, read_state
 
@@ -86,10 +86,12 @@ def test_the_job_labels_with_lite0_and_every_network_records_its_normalisation(r
     assert summary["preset"]["name"] == "demo_pretrained"
     assert summary["preset"]["cam_train"]["backbone"] == "tf_efficientnet_lite0"
     assert summary["counts"]["labeled"] == 10 and summary["counts"]["errors"] == 0
-    for kind in ("cam", "affinity"):
-        meta = json.loads((out / "checkpoints" / kind / "meta.json").read_text())
-        assert meta["backbone"] == "tf_efficientnet_lite0"
-        assert meta_normalization(meta) == BUILTIN_WEIGHTS["efficientnet_lite0"].normalization
+    cam, affinity = (json.loads((out / "checkpoints" / kind / "meta.json").read_text()) for kind in ("cam", "affinity"))
+    assert cam["backbone"] == "tf_efficientnet_lite0"
+    assert meta_normalization(cam) == BUILTIN_WEIGHTS["efficientnet_lite0"].normalization
+    # on a CPU the preset's AffinityNet is the tiny network from scratch, with its own input
+    assert summary["preset"]["affinity_backbone"] == affinity["backbone"] == "tiny"
+    assert meta_normalization(affinity) == default_normalization("tiny")
     assert len(list((out / "labels").glob("*.png"))) == 10
 
 
@@ -107,3 +109,11 @@ def test_safetensors_weights_load_like_a_state_dict(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(WeightsError, match="not a safetensors file"):
         read_state(str(tmp_path / "broken.safetensors"))
+
+
+def test_tags_are_scored_at_the_scale_the_network_learnt_them():
+    from psa_ray.train.evaluate import training_size
+
+    assert training_size(100, 150, (160, 240)) == (133, 200)  # long side: the middle of resize_long
+    assert training_size(500, 375, (256, 512)) == (384, 288)
+    assert training_size(100, 150, None) == (100, 150)

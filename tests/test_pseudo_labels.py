@@ -9,9 +9,9 @@ import torch
 
 from psa_ray.config import CrfConfig, WalkConfig
 from psa_ray.models.networks import build_model
+from psa_ray.ops.forward import upscaled_size
 from psa_ray.ops.pseudo_labels import (
-    blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, upsample_scores, walk_scores,
-    walk_size)
+    blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, upsample_scores, walk_scores)
 
 
 @pytest.mark.parametrize("height, width, min_side, expected", [
@@ -19,8 +19,8 @@ from psa_ray.ops.pseudo_labels import (
     (500, 375, 320, (500, 375)),    # photo-sized: unchanged
     (100, 100, 0, (100, 100)),      # 0: never upscaled
 ])
-def test_walk_size(height, width, min_side, expected):
-    assert walk_size(height, width, min_side) == expected
+def test_upscaled_size(height, width, min_side, expected):
+    assert upscaled_size(height, width, min_side) == expected
 
 
 @pytest.mark.parametrize("min_side", [0, 160])
@@ -34,7 +34,7 @@ def test_walk_then_upsample_gives_scores_at_image_size(min_side):
     cams[0] = 1.0                                     # class 1 everywhere, class 2 nowhere
     config = replace(WalkConfig(t=16), min_side=min_side)
     [walked] = walk_scores(net, [image], [cams], config)
-    grid = walk_size(45, 70, min_side)
+    grid = upscaled_size(45, 70, min_side)
     assert walked.shape == (3, -(-grid[0] // 8), -(-grid[1] // 8))
     scores = upsample_scores(walked, 45, 70, config)
     assert scores.shape == (3, 45, 70)
@@ -100,7 +100,7 @@ def test_a_batch_of_mixed_sizes_gives_each_image_what_it_gets_alone():
         np.testing.assert_array_equal(class_ids, keys_alone)
         torch.testing.assert_close(cams, cams_alone, rtol=1e-4, atol=1e-5)
         [alone] = walk_scores(affinity_net, [image], [cams_alone], walk_config)
-        grid = [-(-s // 8) for s in walk_size(*image.shape[1:], 48)]
+        grid = [-(-s // 8) for s in upscaled_size(*image.shape[1:], 48)]
         assert scores.shape == alone.shape == (len(class_ids) + 1, *grid)
         torch.testing.assert_close(scores, alone, rtol=1e-4, atol=1e-5)
 

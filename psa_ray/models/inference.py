@@ -39,6 +39,12 @@ def to_tensor(rgb: np.ndarray, normalization: Normalization = IMAGENET) -> torch
     return (image - mean) / std
 
 
+def model_input(rgb: np.ndarray, model: nn.Module) -> torch.Tensor:
+    """uint8 [H,W,3] -> [3,H,W] as `model` reads it: normalised with its `input_normalization`, on
+    its device (a CAM network and an AffinityNet of another backbone read it differently)."""
+    return to_tensor(rgb, input_normalization(model)).to(next(model.parameters()).device)
+
+
 def network_meta(kind: str, config: TrainConfig, class_names: list[str], radius: int,
                  normalization: Normalization | None = None) -> dict[str, Any]:
     """meta.json of a network trained with `config` on `class_names` (foreground, in label order),

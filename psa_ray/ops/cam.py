@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from psa_ray.models.backbones import IMAGENET, Normalization
 from psa_ray.models.inference import input_normalization
-from psa_ray.ops.forward import precision
+from psa_ray.ops.forward import precision, upscaled_size
 
 NORM_EPS = 1e-5
 # psa's CAM evaluation (`infer_cls.py`, out_cam_pred): a constant background score
@@ -44,26 +44,28 @@ def resize_images(images: Tensor, size: tuple[int, int], resample: str,
 
 
 def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[float], flip: bool,
-                          autocast: torch.dtype | None = None, resample: str = "bilinear") -> Tensor:
+                          autocast: torch.dtype | None = None, resample: str = "bilinear",
+                          min_side: int = 0) -> Tensor:
     """images [B,3,H,W] -> CAMs [B,C,H,W] float32, summed over scales (and horizontal flips), not normalised.
 
     `model.cams(x [B,3,h,w])` must return ReLU'd class activation maps [B,C,~h/8,~w/8]. Each
-    scale resizes the images to (round(H*s), round(W*s)) (`resize_images` with `resample`, and the
-    input normalisation of the model, `input_normalization`);
-    the flipped copies run in
-    the same batch, their maps are flipped back, and every map is upsampled to (H, W). With
-    `autocast` (e.g. torch.bfloat16) the network runs in that precision.
+    scale s resizes the images to (round(H'*s), round(W'*s)), (H', W') = `upscaled_size(H, W,
+    min_side)` (`resize_images` with `resample`, and the input normalisation of the model,
+    `input_normalization`); the flipped copies run in the same batch, their maps are flipped back,
+    and every map is upsampled to (H, W). With `autocast` (e.g. torch.bfloat16) the network runs in
+    that precision.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
     if not scales:
         raise ValueError("at least one scale is needed")
     batch, _, height, width = images.shape
+    base_height, base_width = upscaled_size(height, width, min_side)
     cams_of: Callable[[Tensor], Tensor] = getattr(model, "cams")  # nn.Module types attributes Tensor | Module
     maps = []
     with torch.no_grad():
         for scale in scales:
-            size = (round(height * scale), round(width * scale))
+            size = (round(base_height * scale), round(base_width * scale))
             scaled = resize_images(images, size, resample, input_normalization(model))
             if flip:
                 scaled = torch.cat([scaled, scaled.flip(-1)])

@@ -10,6 +10,16 @@ from torch import Tensor, nn
 T = TypeVar("T")
 
 
+def upscaled_size(height: int, width: int, min_side: int) -> tuple[int, int]:
+    """(height, width) upscaled so that the short side is at least `min_side` (0: as it is).
+
+    A network at stride 8 sees a small image coarsely (a 128 px image: 16 x 16 cells), and an
+    ImageNet network finds objects at ImageNet's object size; photos of ~500 px need no upscaling.
+    """
+    scale = max(1.0, min_side / min(height, width))
+    return round(height * scale), round(width * scale)
+
+
 def same_shape_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
     """Indices of the tensors grouped by shape (first appearance order): each group can be stacked."""
     groups: dict[tuple[int, ...], list[int]] = {}

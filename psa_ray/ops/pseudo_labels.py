@@ -18,7 +18,7 @@ from torch import nn
 
 from psa_ray.config import CamConfig, CrfConfig, WalkConfig
 from psa_ray.ops.affinity import feature_affinities, confident_seeds
-from psa_ray.ops.forward import map_same_shape, precision
+from psa_ray.ops.forward import map_same_shape, precision, upscaled_size
 from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
 from psa_ray.ops.crf import dense_crf
 from psa_ray.ops.random_walk import random_walk_many
@@ -38,7 +38,7 @@ def tagged_cams(cam_net: nn.Module, images: Sequence[torch.Tensor], tags: Sequen
         tag_tensor = torch.as_tensor(np.stack([np.asarray(tags[i]) for i in group]), dtype=torch.float32,
                                      device=images[group[0]].device)
         cams = class_activation_maps(cam_net, torch.stack([images[i] for i in group]), config.scales,
-                                     config.flip, autocast, config.resample)
+                                     config.flip, autocast, config.resample, config.min_side)
         cams = normalize_cams(cams, tag_tensor)
         present = [torch.nonzero(image_tags > 0).flatten() for image_tags in tag_tensor.unbind()]
         return [((p + 1).cpu().numpy().astype(np.int64), cams[n, p]) for n, p in enumerate(present)]
@@ -108,22 +108,12 @@ def seed_label(low: np.ndarray, high: np.ndarray, class_ids: np.ndarray) -> np.n
     return confident_seeds(scores_to_labels(low, class_ids), scores_to_labels(high, class_ids))
 
 
-def walk_size(height: int, width: int, min_side: int) -> tuple[int, int]:
-    """The size an image is walked at: upscaled so that its short side is at least min_side.
-
-    At stride 8 a small image leaves few feature cells per object (a 128 px image: 16 x 16),
-    too coarse for the walk to follow its edges; photos of ~500 px need no upscaling.
-    """
-    scale = max(1.0, min_side / min(height, width))
-    return round(height * scale), round(width * scale)
-
-
 def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: Sequence[torch.Tensor],
                 config: WalkConfig, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
     """Stage D on the feature grid: images[i] [3,H_i,W_i], cams[i] [n_i,H_i,W_i] -> walked scores
     [n_i+1,h_i,w_i] float32 per image.
 
-    Each image and its CAMs are resized to `walk_size` and zero-padded to a multiple of the
+    Each image and its CAMs are resized to `upscaled_size` (`config.min_side`) and zero-padded to a multiple of the
     stride, the scores (background (1 - max)^alpha first) are average-pooled to the stride-8 grid
     of AffinityNet's features, and `random_walk_many` spreads them with T = D^-1 A^beta for t
     steps, all images in one walk. Images of one walk size run through AffinityNet together.
@@ -133,7 +123,7 @@ def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: S
     padded, scores = [], []
     for image, image_cams in zip(images, cams):
         height, width = image.shape[-2:]
-        size = walk_size(height, width, config.min_side)
+        size = upscaled_size(height, width, config.min_side)
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
             image_cams = F.interpolate(image_cams[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -158,7 +148,7 @@ def upsample_scores(scores: torch.Tensor | np.ndarray, height: int, width: int,
                     config: WalkConfig) -> np.ndarray:
     """Walked scores [n+1,h,w] on the stride-8 grid of `walk_scores` -> [n+1,H,W] at the image size."""
     scores = torch.as_tensor(np.asarray(scores, np.float32))[None]
-    walked = walk_size(height, width, config.min_side)
+    walked = upscaled_size(height, width, config.min_side)
     full = F.interpolate(scores, size=(scores.shape[-2] * STRIDE, scores.shape[-1] * STRIDE),
                          mode="bilinear", align_corners=False)[..., : walked[0], : walked[1]]
     if walked != (height, width):

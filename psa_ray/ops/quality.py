@@ -63,5 +63,5 @@ def label_quality(final: np.ndarray, walk_label: np.ndarray, band: int, class_id
 
 def edge_band(height: int, walk_height: int, stride: int = 8) -> int:
     """Half a feature cell in image pixels (at least 1): a stride-8 cell of an image walked at
-    walk_height rows (`pseudo_labels.walk_size`) spans stride * height / walk_height pixels."""
+    walk_height rows (`forward.upscaled_size`) spans stride * height / walk_height pixels."""
     return max(1, round(stride * height / walk_height / 2))

@@ -21,13 +21,13 @@ from psa_ray.io.seeds import encode_seed_scores
 from psa_ray.io.storage import read_bytes
 from psa_ray.io.redact import redact
 from psa_ray.ops.cam import with_constant_background
+from psa_ray.ops.forward import upscaled_size
 from psa_ray.ops.metrics import confusion_matrix
 from psa_ray.ops.pseudo_labels import (
     STRIDE, blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, seed_crf_scores,
-    seed_label, tagged_cams, upsample_scores, walk_scores, walk_size)
+    seed_label, tagged_cams, upsample_scores, walk_scores)
 from psa_ray.ops.quality import edge_band, label_quality
-from psa_ray.models.inference import autocast_dtype, input_normalization, load_trained, to_tensor
-from psa_ray.models.weights import WeightsError
+from psa_ray.models.inference import autocast_dtype, input_normalization, load_trained, model_input
 from psa_ray.pipeline.readers import object_column
 from psa_ray.pipeline.row_errors import ErrorRate, fatal_device_error, free_device_memory, out_of_memory, stage_guard
 from psa_ray.train.loop import ray_device
@@ -121,21 +121,19 @@ class NetworkActor:
         self.autocast = autocast_dtype(self.device, mixed_precision)
         self.cam_net = load_trained(cam_weights, self.device)
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
-        self.normalization = input_normalization(self.cam_net)
-        if self.affinity_net is not None and input_normalization(self.affinity_net) != self.normalization:
-            raise WeightsError(f"{affinity_weights} expects other input normalisation than {cam_weights} "
-                               "(AffinityNet starts from the CAM network's backbone; retrain it from this one)")
         self.cam, self.walk = cam, walk or WalkConfig()
         # an image that runs out of memory alone: its CAMs again at the scales up to 1 only
         self.fewer_scales = replace(cam, scales=tuple(s for s in cam.scales if s <= 1.0) or (min(cam.scales),))
 
     def _rows(self, batch: dict[str, np.ndarray], rows: list[int],
               cam: CamConfig | None = None) -> list[dict[str, Any]]:
-        images = [to_tensor(batch["rgb"][i], self.normalization).to(self.device) for i in rows]
+        images = [model_input(batch["rgb"][i], self.cam_net) for i in rows]
         tagged = tagged_cams(self.cam_net, images, [batch["tags"][i] for i in rows], cam or self.cam, self.autocast)
         out: list[dict[str, Any]] = [{"class_ids": class_ids, "cams": cams.cpu().numpy().astype(np.float16)}
                                      for class_ids, cams in tagged]
         if self.affinity_net is not None:
+            if input_normalization(self.affinity_net) != input_normalization(self.cam_net):
+                images = [model_input(batch["rgb"][i], self.affinity_net) for i in rows]
             walked = walk_scores(self.affinity_net, images, [cams for _, cams in tagged], self.walk, self.autocast)
             for row, scores in zip(out, walked):
                 row["walked"] = scores.cpu().numpy()
@@ -214,7 +212,7 @@ class RefineActor:
         # An image shrunk for processing (PipelineConfig.max_side) gets its label at its full size.
         height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
         refined = scores_to_labels(probs, class_ids)
-        band = edge_band(rgb.shape[0], walk_size(*rgb.shape[:2], self.walk.min_side)[0], STRIDE)
+        band = edge_band(rgb.shape[0], upscaled_size(*rgb.shape[:2], self.walk.min_side)[0], STRIDE)
         quality = label_quality(refined, scores_to_labels(walked, class_ids), band, class_ids)
         refined, restored = restore_erased_classes(refined, raw_cams, class_ids, self.seed_alpha)
         label = resize_label(refined, height, width)

@@ -93,9 +93,10 @@ def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
         preset = replace(preset, cam=replace(preset.cam, scales=tuple(job.scales)))
     if job.shard_rows:
         preset = replace(preset, pipeline=replace(preset.pipeline, shard_rows=job.shard_rows))
+    affinity_backbone = {"backbone": preset.affinity_backbone} if preset.affinity_backbone else {}
     return replace(preset,
                    cam_train=replace(preset.cam_train, backbone_weights=job.backbone_weights, **overrides),
-                   affinity_train=replace(preset.affinity_train, **overrides),
+                   affinity_train=replace(preset.affinity_train, **{**overrides, **affinity_backbone}),
                    deeplab_train=replace(preset.deeplab_train, **overrides))
 
 
@@ -184,7 +185,8 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
         affinity_w = timed("train_affinity", train_stage, "affinity",
                            rows.map_batches(with_mask_uri, num_cpus=READ_CPUS,
                                             fn_kwargs={"folder": join(job.output, "seeds")}),
-                           preset, names, job.output, Init(cam_w), cpus_per_worker)[0]
+                           preset, names, job.output, None if preset.affinity_backbone else Init(cam_w),
+                           cpus_per_worker)[0]
     drop_retried_errors(join(job.output, "errors"))
     done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
     skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
@@ -240,8 +242,7 @@ def held_out_ap(index: CorpusIndex, fraction: float, preset: Preset, cam_weights
     decoded = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
                               max_side=preset.pipeline.max_side).map_batches(drop_failed)
     result = {**classifier_ap(cam_weights, decoded, class_names, num_cpus=preset.pipeline.gpu_actor_cpus,
-                              num_gpus=preset.pipeline.gpu_actor_gpus if has_gpu else 0.0,
-                              scales=preset.cam.scales),
+                              num_gpus=preset.pipeline.gpu_actor_gpus if has_gpu else 0.0),
               "rule": held_out_rule(fraction)}
     if not result["images"]:
         return None

@@ -35,7 +35,7 @@ from psa_ray.pipeline.actors import ground_truth
 from psa_ray.pipeline.quality import statistics_notes, statistics_rows
 from psa_ray.pipeline.scoring import metrics_rows
 from psa_ray.pipeline.tables import Table, html_table, text_table
-from psa_ray.models.inference import autocast_dtype, input_normalization, load_trained, to_tensor
+from psa_ray.models.inference import autocast_dtype, load_trained, model_input
 from psa_ray.train.loop import ray_device
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
@@ -65,12 +65,12 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
     label [H,W] and optional ground truth [H,W]."""
     height, width = rgb.shape[:2]
     device = next(cam_net.parameters()).device
-    image = to_tensor(rgb, input_normalization(cam_net)).to(device)
     autocast = autocast_dtype(device, preset.pipeline.mixed_precision)
     with torch.inference_mode():
-        [(class_ids, cams)] = tagged_cams(cam_net, [image], [tags], preset.cam, autocast)
+        [(class_ids, cams)] = tagged_cams(cam_net, [model_input(rgb, cam_net)], [tags], preset.cam, autocast)
         cam_scores = with_background(cams[None], preset.walk.alpha)[0].cpu().numpy()
-        walked = walk_scores(affinity_net, [image], [cams], preset.walk, autocast)[0].cpu().numpy()
+        walked = walk_scores(affinity_net, [model_input(rgb, affinity_net)], [cams], preset.walk,
+                             autocast)[0].cpu().numpy()
     cam_label = scores_to_labels(cam_scores, class_ids)
     walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), class_ids)
     labels = [cam_label, walk_label, final] + ([gt] if gt is not None else [])

@@ -84,7 +84,6 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     report: dict[str, Any] = {"weights": weights, "train_images": len(train_rows), "metrics": metrics}
     if spec.mask_folder is None and val_rows:  # a classifier: its mAP on the held-out tags
         held_out = classifier_ap(weights, decoded_dataset(rows_dataset(val_rows)).map_batches(drop_failed),
-                                 list(corpus.class_names), num_gpus=1.0 if job.use_gpu else 0.0,
-                                 scales=preset.cam.scales)
+                                 list(corpus.class_names), num_gpus=1.0 if job.use_gpu else 0.0)
         report.update(val_images=held_out["images"], val_map=held_out["map"], val_ap=held_out["ap"])
     return report
