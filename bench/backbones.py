@@ -11,8 +11,8 @@ backbone's flags (`BACKBONE_FLAGS`); an output that already holds a run.json is 
 Per run: the CAM network's held-out tag mAP, the mIoU and per-class IoU of CAM, psa's CAM rule,
 CAM+CRF, the walk and the final labels, and run.json's seconds per stage. Writes
 bench/results/backbones.json (with the machine) and prints the markdown tables. `--picture ID`
-stacks each backbone's report picture of image ID (first corpus and seed of the grid), tiny on top,
-into bench/results/backbones_<corpus>_s<seed>_<ID>.png.
+draws image ID as each backbone's run labelled it (the report's panels; first corpus and seed of
+the grid), tiny on top, into bench/results/backbones_<corpus>_s<seed>_<ID>.png.
 """
 from __future__ import annotations
 
@@ -78,13 +78,33 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 
 
 def side_by_side(work: str, corpus: str, seed: int, backbones: list[str], image_id: str, folder: str) -> str:
-    """The report pictures of one image from each backbone's run, stacked top to bottom (PNG path)."""
+    """One image as each backbone's run labelled it (the report's panels: image, CAM, walk, final,
+    truth, drawn with that run's networks), stacked top to bottom in `backbones` order (PNG path)."""
+    import numpy as np
     from PIL import Image
 
-    pictures = [Image.open(os.path.join(work, f"{corpus}_{b}_s{seed}", "report", f"{image_id}.png")).convert("RGB")
-                for b in backbones]
-    width = max(p.width for p in pictures)
-    stacked = Image.new("RGB", (width, sum(p.height for p in pictures)), "white")
+    from psa_ray.config import PRESETS
+    from psa_ray.models.inference import load_trained
+    from psa_ray.pipeline.report import sample_panels
+
+    def read(run_dir: str, *path: str) -> np.ndarray:
+        return np.asarray(Image.open(os.path.join(run_dir, *path)))
+
+    pictures = []
+    for backbone in backbones:
+        run_dir = os.path.join(work, f"{corpus}_{backbone}_s{seed}")
+        with open(os.path.join(run_dir, "run.json")) as f:
+            run = json.load(f)
+        with open(os.path.join(run_dir, "corpus", "classes.txt")) as f:
+            names = f.read().split()
+        gt = read(run_dir, "corpus", "gt", f"{image_id}.png")
+        tags = np.array([(gt == k + 1).any() for k in range(len(names))], np.float32)  # the corpus's tags
+        panels = sample_panels(np.asarray(Image.open(os.path.join(run_dir, "corpus", "images", f"{image_id}.png"))
+                                          .convert("RGB")), tags, read(run_dir, "labels", f"{image_id}.png"), gt,
+                               load_trained(run["checkpoints"]["cam"]), load_trained(run["checkpoints"]["affinity"]),
+                               PRESETS[run["preset"]["name"]], names)
+        pictures.append(Image.fromarray(panels))
+    stacked = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
     for k, picture in enumerate(pictures):
         stacked.paste(picture, (0, sum(p.height for p in pictures[:k])))
     path = os.path.join(folder, f"backbones_{corpus}_s{seed}_{image_id}.png")
