@@ -121,6 +121,9 @@ class NetworkActor:
         self.autocast = autocast_dtype(self.device, mixed_precision)
         self.cam_net = load_trained(cam_weights, self.device)
         self.affinity_net = load_trained(affinity_weights, self.device) if affinity_weights else None
+        # an AffinityNet of another backbone (Preset.affinity_backbone) reads the images normalised its own way
+        self.affinity_reads_cam_input = (self.affinity_net is None
+                                         or input_normalization(self.affinity_net) == input_normalization(self.cam_net))
         self.cam, self.walk = cam, walk or WalkConfig()
         # an image that runs out of memory alone: its CAMs again at the scales up to 1 only
         self.fewer_scales = replace(cam, scales=tuple(s for s in cam.scales if s <= 1.0) or (min(cam.scales),))
@@ -132,7 +135,7 @@ class NetworkActor:
         out: list[dict[str, Any]] = [{"class_ids": class_ids, "cams": cams.cpu().numpy().astype(np.float16)}
                                      for class_ids, cams in tagged]
         if self.affinity_net is not None:
-            if input_normalization(self.affinity_net) != input_normalization(self.cam_net):
+            if not self.affinity_reads_cam_input:
                 images = [model_input(batch["rgb"][i], self.affinity_net) for i in rows]
             walked = walk_scores(self.affinity_net, images, [cams for _, cams in tagged], self.walk, self.autocast)
             for row, scores in zip(out, walked):

@@ -93,10 +93,10 @@ def resolve_preset(job: LabelJob, use_gpu: bool) -> Preset:
         preset = replace(preset, cam=replace(preset.cam, scales=tuple(job.scales)))
     if job.shard_rows:
         preset = replace(preset, pipeline=replace(preset.pipeline, shard_rows=job.shard_rows))
-    affinity_backbone = {"backbone": preset.affinity_backbone} if preset.affinity_backbone else {}
+    affinity_overrides = {**overrides, "backbone": preset.affinity_backbone} if preset.affinity_backbone else overrides
     return replace(preset,
                    cam_train=replace(preset.cam_train, backbone_weights=job.backbone_weights, **overrides),
-                   affinity_train=replace(preset.affinity_train, **{**overrides, **affinity_backbone}),
+                   affinity_train=replace(preset.affinity_train, **affinity_overrides),
                    deeplab_train=replace(preset.deeplab_train, **overrides))
 
 

@@ -8,7 +8,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from psa_ray.models.inference import input_normalization, load_trained, read_meta, to_tensor
+from psa_ray.models.inference import load_trained, model_input, read_meta
 from psa_ray.ops.metrics import average_precision
 from psa_ray.train.loop import ray_device
 
@@ -30,11 +30,10 @@ class TagScores:
     def __init__(self, weights_uri: str):
         self.device = ray_device()
         self.model = load_trained(weights_uri, self.device)
-        self.normalization = input_normalization(self.model)
         self.resize_long = read_meta(weights_uri).get("train", {}).get("resize_long")
 
     def _scores(self, rgb: np.ndarray) -> np.ndarray:
-        image = to_tensor(rgb, self.normalization)[None].to(self.device)
+        image = model_input(rgb, self.model)[None]
         size = training_size(*rgb.shape[:2], self.resize_long)
         if size != rgb.shape[:2]:
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
