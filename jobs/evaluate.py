@@ -15,7 +15,9 @@ import sys
 from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
 from psa_ray.errors import run_job
 from psa_ray.io.manifest import resolve_classes
-from psa_ray.io.storage import write_bytes
+from psa_ray.io.lease import current_holder, holder_text
+from psa_ray.io.redact import redact
+from psa_ray.io.storage import parent, write_bytes
 from psa_ray.pipeline.scoring import iou_table, score_folders
 
 LISTED = 5  # ids shown when some labels or ground truths have no partner
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint_url
+    output = parent(args.labels.rstrip("/"))
+    if holder := current_holder(output):
+        print(f"warning: {redact(output)} is still being written by {holder_text(holder)}: the score covers "
+              "the labels written so far", file=sys.stderr)
     names = resolve_classes(args.classes, args.labels) if args.classes else None
     result = score_folders(args.labels, args.gt, None if names is None else len(names) + 1)
     class_names = ["background", *(names or [f"class {k}" for k in range(1, result["num_classes"])])]

@@ -1,17 +1,25 @@
 """The output lease (`psa_ray.io.lease`): refusal, renewal, take-over of an expired or dead
-lease, loss; on a fake clock, a local folder and S3 (moto)."""
+lease, loss; on a fake clock, a local folder and S3 (moto); predict.py refused and evaluate.py
+warned while another job writes."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from psa_ray.errors import UserError
 from psa_ray.io.lease import (
-    LEASE_FILE, Lease, LeaseHeldError, LeaseLostError, LocalStore, MemoryStore, Renewer, S3Store, hold)
+    LEASE_FILE, Lease, LeaseHeldError, LeaseLostError, Renewer, current_holder, hold)
+from psa_ray.io.lease_stores import LocalStore, MemoryStore, S3Store
+from psa_ray.io.palette import encode_label_png
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Clock:
@@ -220,3 +228,29 @@ def test_hold_on_an_s3_output(s3_bucket):
             with hold(out, "run2", ttl_s=60):
                 pass
     assert S3Store(out).read() == (None, None), "released"
+
+
+def test_predict_is_refused_and_evaluate_warns_while_another_job_writes_the_output(tmp_path):
+    """predict.py writes into its output, so it takes the lease like the labeling job; evaluate.py
+    only reads, and says that a run still writing its labels is scored as far as it got."""
+    from psa_ray.pipeline.predict import PredictJob, run
+
+    out = str(tmp_path / "out")
+    assert current_holder(out) is None
+    with hold(out, "run1", "label_dataset", ttl_s=60):
+        holder = current_holder(out)
+        assert holder is not None and holder["run_id"] == "run1"
+        with pytest.raises(LeaseHeldError, match="run run1 \\(label_dataset, pid"):
+            run(PredictJob(checkpoint=str(tmp_path / "model.pt"), input=str(tmp_path / "photos"), output=out))
+        labels, gt = tmp_path / "out" / "labels", tmp_path / "gt"
+        for folder in (labels, gt):
+            folder.mkdir(parents=True)
+            (folder / "a.png").write_bytes(encode_label_png(np.ones((4, 4), np.uint8)))
+        done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "evaluate.py"), str(labels),
+                               "--gt", str(gt)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "is still being written by run run1 (label_dataset" in done.stderr
+    assert current_holder(out) is None
+    done = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "evaluate.py"), str(labels), "--gt", str(gt)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "still being written" not in done.stderr

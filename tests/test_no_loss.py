@@ -194,6 +194,40 @@ def test_stage_b_failures_are_recorded_and_only_transient_ones_are_retried(tmp_p
     assert drop_retried_errors(join(output, "errors")) == 1 and read_tables(join(output, "errors")) is None
 
 
+def test_a_failed_seed_row_keeps_its_image_uri():
+    """SeedActor passes `image` on, so index/seed-errors/ names the file that failed."""
+    from psa_ray.config import CamConfig
+    from psa_ray.pipeline.actors import SeedActor
+
+    batch = {"image_id": np.array(["bad"], dtype=object), "image": np.array(["s3://b/bad.jpg"], dtype=object),
+             "tag_names": np.array(["c"], dtype=object), "rgb": _objects([np.zeros((1, 1, 3), np.uint8)]),
+             "cams": _objects([np.zeros((1, 1, 1), np.float16)]), "class_ids": _objects([np.array([1])]),
+             "stage": np.array(["read"], dtype=object), "error": np.array(["decode"], dtype=object),
+             "message": np.array(["not an image"], dtype=object)}
+    out = SeedActor(CamConfig(), num_classes=1)(batch)
+    assert list(out["image"]) == ["s3://b/bad.jpg"] and list(out["error"]) == ["decode"]
+
+
+def test_training_readers_record_their_failed_rows_once_however_many_epochs(tmp_path):
+    """`keep_decoded` with a folder: the rows that decoded go on; each failed one is written to
+    errors/ under a name of its own, so that every epoch's re-read rewrites the same file."""
+    from psa_ray.pipeline.readers import keep_decoded
+
+    errors = str(tmp_path / "errors")
+    batch = {"image_id": np.array(["ok", "bad"], dtype=object), "image": np.array(["a.png", "b.png"], dtype=object),
+             "rgb": _objects([np.zeros((2, 2, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)]),
+             "stage": np.array(["", "read"], dtype=object), "error": np.array(["", "decode"], dtype=object),
+             "message": np.array(["", "not an image"], dtype=object)}
+    for _epoch in range(3):
+        kept = keep_decoded(batch, errors=errors)
+        assert list(kept["image_id"]) == ["ok"] and kept["rgb"][0].shape == (2, 2, 3)
+    table = read_tables(errors)
+    assert table.schema == ERROR_SCHEMA
+    assert table.select(["image_id", "image", "stage", "error"]).to_pylist() == [
+        {"image_id": "bad", "image": "b.png", "stage": "read", "error": "decode"}]
+    assert list(keep_decoded(batch)["image_id"]) == ["ok"] and len(os.listdir(errors)) == 1
+
+
 # --------------------------------------------------------------------------- user errors
 
 class _NoRows:

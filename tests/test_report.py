@@ -26,6 +26,7 @@ from psa_ray.ops.forward import segment_probabilities
 from psa_ray.io.inputs import read_images
 from psa_ray.pipeline.report import DISPLAY_SIDE, write_report
 from psa_ray.pipeline.scoring import ScoringError, score_folders
+from psa_ray.pipeline.writers import error_table, write_table
 from psa_ray.models.networks import build_network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,6 +309,12 @@ def test_predict_job_labels_a_folder_and_records_bad_images(ray_cluster, tmp_pat
     errors = pq.read_table(list_files(join(output, "errors"), suffix=".parquet")[0]).to_pylist()
     assert [(e["image_id"], e["error"]) for e in errors] == [("broken", "decode")]
 
+    # a rerun skips what is done, and retries a row whose storage kept failing (a transient error)
+    write_bytes(join(folder, "three.png"), encode_png(rgb))
+    write_table(join(output, "errors", "earlier.parquet"), error_table([
+        {"image_id": "three", "image": join(folder, "three.png"), "stage": "read", "error": "unavailable"}]))
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(read_bytes(join(output, "predict.json")))["counts"]["processed"] == 0
+    counts = json.loads(read_bytes(join(output, "predict.json")))["counts"]
+    assert {k: counts[k] for k in ("images", "skipped", "processed", "labeled", "errors")} == \
+        {"images": 4, "skipped": 3, "processed": 1, "labeled": 3, "errors": 1}

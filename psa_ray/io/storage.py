@@ -90,8 +90,9 @@ def with_retries(call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _endpoint(endpoint_url: str | None) -> str | None:
-    return (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+def s3_endpoint(override: str | None) -> str | None:
+    """The S3 endpoint: override, else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (None: AWS)."""
+    return (override or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
@@ -125,7 +126,7 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSyst
     Filesystems are cached per (scheme, endpoint) for the life of the process.
     """
     if uri.startswith(S3_SCHEME):
-        key: tuple[str, str | None] = ("s3", _endpoint(endpoint_url))
+        key: tuple[str, str | None] = ("s3", s3_endpoint(endpoint_url))
         bucket, object_key = s3_bucket_and_key(uri)
         path = f"{bucket}/{object_key}".rstrip("/")
     elif "://" in uri and not uri.startswith(FILE_SCHEME):

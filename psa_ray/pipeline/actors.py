@@ -184,7 +184,8 @@ class SeedActor:
             png = encode_seed_scores(low, high, class_ids) if self.cam.seed_scores else encode_label_png(seeds)
             return {"png": png, "seed_fractions": class_fractions(seeds, self.num_classes + 1, ignore=True)}
         out = per_row(batch, "seed", row, {"png": b"", "seed_fractions": np.zeros(self.num_classes + 2, np.float32)})
-        return {k: out[k] for k in ("image_id", "tag_names", "png", "seed_fractions", "stage", "error", "message")}
+        return {k: out[k] for k in ("image_id", "image", "tag_names", "png", "seed_fractions", "stage", "error",
+                                    "message")}
 
 
 def ground_truth(uri: str) -> np.ndarray | None:

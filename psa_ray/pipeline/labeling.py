@@ -32,7 +32,7 @@ from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.corpus import (
     READ_CPUS, CorpusIndex, builtin_corpus, committed_keys, corpus_dataset, held_out_rule, prepare_corpus)
 from psa_ray.pipeline.quality import label_statistics, quality_warnings, review_rows, seed_statistics
-from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, with_mask_uri
+from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
 from psa_ray.pipeline.stages import label_stage, seed_stage, stall_ends_job, train_stage, watch_progress
@@ -240,7 +240,7 @@ def held_out_ap(index: CorpusIndex, fraction: float, preset: Preset, cam_weights
         return json.loads(read_bytes(saved))
     rows = corpus_dataset(index, sample=True, held_out=fraction, only_held_out=True)
     decoded = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
-                              max_side=preset.pipeline.max_side).map_batches(drop_failed)
+                              max_side=preset.pipeline.max_side).map_batches(keep_decoded)
     result = {**classifier_ap(cam_weights, decoded, class_names, num_cpus=preset.pipeline.gpu_actor_cpus,
                               num_gpus=preset.pipeline.gpu_actor_gpus if has_gpu else 0.0),
               "rule": held_out_rule(fraction)}

@@ -23,13 +23,15 @@ from psa_ray.errors import UserError
 from psa_ray.io.manifest import RowError
 from psa_ray.io.inputs import read_images
 from psa_ray.io.images import resize_label
-from psa_ray.io.storage import exists, join, write_bytes
+from psa_ray.io.lease import hold
+from psa_ray.io.storage import absolute, exists, join, write_bytes
 from psa_ray.ops.forward import segment_probabilities
 from psa_ray.pipeline.actors import per_batch
 from psa_ray.pipeline.cluster import cluster_shape
 from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
 from psa_ray.pipeline.writers import (
-    LabelSink, committed_ids, error_table, shard_columns, shard_defaults, write_row_files, write_table)
+    LabelSink, committed_ids, drop_retried_errors, error_table, shard_columns, shard_defaults, write_row_files,
+    write_table)
 from psa_ray.models.inference import (
     autocast_dtype, check_weights, input_normalization, load_trained, read_meta, to_tensor)
 from psa_ray.train.loop import ray_device
@@ -72,11 +74,13 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
             has_gpu: bool, row_errors: Sequence[RowError] = ()) -> dict[str, int]:
     """Label rows (image_id, image) with the DeepLab weights `checkpoint` (meta.json beside them)
     into `output`, and record `row_errors` (rejected input rows) in its errors/. Rows already in
-    its shards/ or errors/ are skipped. Returns counts: images, rejected_rows, skipped,
-    processed, and over all rows, labeled and errors."""
+    its shards/ or errors/ are skipped, except those that failed for a reason a rerun may not meet
+    again (`writers.RETRIED_ERRORS`). Returns counts: images, rejected_rows, skipped, processed,
+    and over all rows, labeled and errors."""
     if row_errors:
         write_table(join(output, "errors", "manifest.parquet"),
                     error_table([e.to_dict() for e in row_errors]))
+    drop_retried_errors(join(output, "errors"))
     done = set().union(*committed_ids(output))
     todo = [r for r in rows if r["image_id"] not in done]
     if todo:
@@ -111,7 +115,14 @@ class PredictJob:
 
 def run(job: PredictJob) -> dict[str, Any]:
     """Label the images of `job.input` into `job.output` (not a labeling run's output) on the
-    connected cluster; writes and returns the summary (predict.json)."""
+    connected cluster; writes and returns the summary (predict.json). The job holds the output's
+    lease (`io.lease`) while it runs: another job writing there is refused."""
+    run_id = uuid.uuid4().hex[:12]
+    with hold(absolute(job.output) or job.output, run_id, "predict"):
+        return _run(job)
+
+
+def _run(job: PredictJob) -> dict[str, Any]:
     if exists(join(job.output, "run.json")):
         raise UserError(f"{job.output} holds a labeling run (run.json); its labels/ would mix with "
                         "the predictions: pass another --output")

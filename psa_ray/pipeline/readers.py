@@ -12,6 +12,7 @@ from psa_ray.io.seeds import decode_seed
 from psa_ray.io.manifest import Corpus
 from psa_ray.io.storage import ObjectTooLargeError, is_transient, join, list_files, read_bytes
 from psa_ray.io.redact import redact
+from psa_ray.pipeline.writers import digest, error_table, write_table
 
 # Larger files are rejected unread (a video or an archive in the manifest must not OOM a worker).
 MAX_IMAGE_BYTES = 256 * 2**20
@@ -132,10 +133,17 @@ def decoded_dataset(rows: ray.data.Dataset, *, num_cpus: float = 1.0,
     return blocks.map_batches(decode_rows, batch_size=8, num_cpus=num_cpus, fn_kwargs={"max_side": max_side})
 
 
-def drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keep the rows that decoded (training needs no error accounting: labeling does that)."""
-    keep = np.array([not e for e in batch["error"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
+def keep_decoded(batch: dict[str, np.ndarray], *, errors: str | None = None) -> dict[str, np.ndarray]:
+    """Keep the rows that decoded. With `errors` (a folder), each failed row is also written to
+    `<errors>/read-<digest of its id>.parquet` (ERROR_SCHEMA): one file a row, so that a training
+    loop that reads its rows every epoch rewrites the same files. Without, the caller accounts for
+    them elsewhere (the labeling job: stage D records the same rows)."""
+    failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+    if errors is not None:
+        for i in np.flatnonzero(failed):
+            row = {k: batch[k][i] for k in ("image_id", "image", "stage", "error", "message")}
+            write_table(join(errors, f"read-{digest([str(row['image_id'])])}.parquet"), error_table([row]))
+    return {k: v[~failed] for k, v in batch.items()}
 
 
 def object_column(values: Sequence[Any]) -> np.ndarray:

@@ -22,7 +22,7 @@ from psa_ray.models.inference import MODEL_FILE
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
 from psa_ray.pipeline.corpus import READ_CPUS
-from psa_ray.pipeline.readers import decoded_dataset, drop_failed
+from psa_ray.pipeline.readers import decoded_dataset, keep_decoded
 from psa_ray.pipeline.writers import SEED_ERRORS, SEED_INDEX, IndexSink, LabelSink, write_row_files
 from psa_ray.train.loop import fit
 from psa_ray.train.tasks import Init
@@ -169,9 +169,11 @@ def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage
 
 
 def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: list[str],
-                output: str, init: Init | None, cpus_per_worker: float) -> tuple[str, dict[str, Any]]:
+                output: str, init: Init | None, cpus_per_worker: float,
+                errors: str | None = None) -> tuple[str, dict[str, Any]]:
     """Stages A, C, E: train one network on rows (with `mask_uri` for AffinityNet/DeepLab); reuse
-    exported weights.
+    exported weights. Rows that fail to read or decode are left out of training and, with
+    `errors` (a folder), recorded there (`readers.keep_decoded`).
 
     The rows (a few columns each, the training sample) are materialised once; images are read
     and decoded again every epoch. Returns the weights URI and the last epoch's metrics ({} when
@@ -189,7 +191,7 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
                else "the training sample is empty (too few usable rows, or all held out)")
         raise UserError(f"no images to train the {kind} network on: {why}")
     dataset = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
-                              max_side=preset.pipeline.max_side).map_batches(drop_failed)
+                              max_side=preset.pipeline.max_side).map_batches(keep_decoded, fn_kwargs={"errors": errors})
     columns = ["rgb", "tags"] + (["mask"] if network_spec(kind).mask_folder else [])
     weights, metrics = fit(kind, dataset.select_columns(columns), preset.train_config(kind), num_rows=num_rows,
                            class_names=class_names, output_uri=output, init=init,

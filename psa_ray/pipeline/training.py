@@ -18,8 +18,9 @@ from psa_ray.io.storage import absolute, join
 from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.corpus import builtin_corpus
-from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, drop_failed, rows_dataset, with_masks
+from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, rows_dataset, with_masks
 from psa_ray.pipeline.stages import train_stage
+from psa_ray.pipeline.writers import table_rows
 from psa_ray.train.evaluate import classifier_ap
 from psa_ray.train.tasks import Init
 
@@ -79,11 +80,13 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     if spec.mask_folder:
         train_rows = with_masks(train_rows, job.masks or join(job.output, spec.mask_folder))
         init = Init(job.init) if job.init else None
+    errors = join(job.output, "errors")
     weights, metrics = train_stage(kind, rows_dataset(train_rows), preset, list(corpus.class_names), job.output,
-                                   init, job.cpus_per_worker)
+                                   init, job.cpus_per_worker, errors=errors)
     report: dict[str, Any] = {"weights": weights, "train_images": len(train_rows), "metrics": metrics}
     if spec.mask_folder is None and val_rows:  # a classifier: its mAP on the held-out tags
-        held_out = classifier_ap(weights, decoded_dataset(rows_dataset(val_rows)).map_batches(drop_failed),
-                                 list(corpus.class_names), num_gpus=1.0 if job.use_gpu else 0.0)
+        held_out = classifier_ap(weights, decoded_dataset(rows_dataset(val_rows)).map_batches(
+            keep_decoded, fn_kwargs={"errors": errors}), list(corpus.class_names), num_gpus=1.0 if job.use_gpu else 0.0)
         report.update(val_images=held_out["images"], val_map=held_out["map"], val_ap=held_out["ap"])
+    report["failed_images"] = table_rows(errors, "read-")
     return report
