@@ -7,7 +7,7 @@ in a fresh subprocess:
 
 - sequential: the library functions of the pipeline's actors called one image after the other
   (`load_trained` for the networks, then per image read, decode, `tagged_cams`, `walk_scores`,
-  `upsample_scores`, `crf_scores` + `scores_to_labels`, `encode_label_png`, `write_bytes`),
+  `refine_label` + `shard_columns` (the CRF actor's work), `write_bytes`),
   timed per stage; with torch's default threads (the baseline) and, for reference, 1 thread;
 - parallel loops (the bound): one such loop per core, 1 thread each, over its slice of the rows,
   side by side: what any pipeline could reach here without overheads;
@@ -50,13 +50,11 @@ from bench.machine import describe_machine  # noqa: E402
 from psa_ray.config import PRESETS, Preset, to_dict  # noqa: E402
 from psa_ray.data.synthetic import SyntheticConfig, write_corpus  # noqa: E402
 from psa_ray.io.images import decode_image  # noqa: E402
-from psa_ray.io.inputs import read_corpus# noqa: E402
-from psa_ray.io.palette import encode_label_png  # noqa: E402
+from psa_ray.io.inputs import read_corpus  # noqa: E402
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
-from psa_ray.ops.pseudo_labels import (  # noqa: E402
-    crf_scores, scores_to_labels, tagged_cams, upsample_scores, walk_scores)
+from psa_ray.ops.pseudo_labels import refine_label, tagged_cams, walk_scores  # noqa: E402
 from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
-from psa_ray.pipeline.writers import read_tables  # noqa: E402
+from psa_ray.pipeline.writers import read_tables, shard_columns  # noqa: E402
 from psa_ray.models.inference import (  # noqa: E402
     autocast_dtype, export_network, load_trained, model_input, network_meta)
 from psa_ray.models.networks import build_network  # noqa: E402
@@ -142,14 +140,13 @@ def sequential_run(spec: dict[str, Any], output: str, part: int = 0, parts: int 
         with clock("walk"):
             walked = walk_scores(affinity_net, [model_input(rgb, affinity_net)], [cams], preset.walk,
                                  autocast)[0].cpu().numpy()
-        with clock("upsample"):
-            scores = upsample_scores(walked, *rgb.shape[:2], preset.walk)
-        with clock("crf"):
-            label = scores_to_labels(crf_scores(rgb, scores, preset.walk.crf), class_ids)
-        with clock("encode_png"):
-            png = encode_label_png(label)
+        with clock("refine"):  # the CRF actor's work: blend, CRF, quality, restore, shard columns
+            refined = refine_label(rgb, cams.float().cpu().numpy(), walked, class_ids, preset.walk,
+                                   preset.cam.alpha_low)
+            columns = shard_columns(refined.label, refined.confidence, len(spec["class_names"]) + 1,
+                                    refined.quality, refined.restored)
         with clock("write"):
-            write_bytes(join(output, "labels", f"{row['image_id']}.png"), png)
+            write_bytes(join(output, "labels", f"{row['image_id']}.png"), columns["label_png"])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     labeled = count_labels(output) if parts == 1 else len(rows)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": len(rows), "labeled": labeled,

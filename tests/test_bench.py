@@ -77,7 +77,7 @@ def test_pipeline_bench_quick(tmp_path) -> None:
     [sequential] = result["sequential"]
     assert sequential["labeled"] == 3, sequential.get("stderr_tail", sequential)
     assert sequential["torch_threads"] == torch.get_num_threads()
-    assert {"load_networks", "cam", "walk", "crf", "write"} <= set(sequential["stage_seconds"])
+    assert {"load_networks", "cam", "walk", "refine", "write"} <= set(sequential["stage_seconds"])
     bound = result["parallel_loops"]
     assert bound["labeled"] == 3 and bound["processes"] == os.cpu_count(), bound
     chained, two_pools = result["ray"]  # this machine has no GPU: both layouts run

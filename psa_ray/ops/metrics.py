@@ -1,7 +1,11 @@
 """Segmentation (confusion matrix, IoU) and multi-label classification (AP) metrics."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+
+from psa_ray.io.images import resize_label
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -25,6 +29,28 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_
     pred = np.where((pred < 0) | (pred >= num_classes), num_classes, pred)
     counts = np.bincount(gt * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
     return counts.reshape(num_classes, num_classes + 1).astype(np.int64)
+
+
+def ground_truth_scores(gt: np.ndarray | None, shape: tuple[int, int], labels: Callable[[], dict[str, np.ndarray]],
+                        num_classes: int, ignore_index: int = 255) -> tuple[dict[str, np.ndarray], str, str]:
+    """Score labels against one image's ground truth gt [H,W] (None: there is none).
+
+    shape: the image's (H, W); labels(): label maps by name, at any size (resized, nearest, to
+    the image's). Returns (confusion matrices [K*(K+1)] by name, note, why): with a note
+    (`missing`, `wrong_size`, `bad_values`: a value above the classes, `failed`: scoring raised)
+    the image is not scored, and the matrices are empty. Never raises.
+    """
+    if gt is None:
+        return {}, "missing", "no ground truth"
+    if gt.shape != shape:
+        return {}, "wrong_size", f"ground truth is {gt.shape[1]}x{gt.shape[0]}, the image {shape[1]}x{shape[0]}"
+    if gt[gt != ignore_index].max(initial=0) >= num_classes:
+        return {}, "bad_values", f"ground truth holds values above the {num_classes - 1} classes"
+    try:
+        return {name: confusion_matrix(resize_label(pred, *shape), gt, num_classes, ignore_index).ravel()
+                for name, pred in labels().items()}, "", ""
+    except Exception as e:  # noqa: BLE001 - a ground-truth problem never costs the label
+        return {}, "failed", f"scoring: {type(e).__name__}: {e}"
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:

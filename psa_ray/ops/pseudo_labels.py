@@ -8,6 +8,7 @@ background first, then `class_ids`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -19,8 +20,9 @@ from torch import nn
 from psa_ray.config import CamConfig, CrfConfig, WalkConfig
 from psa_ray.ops.affinity import feature_affinities, confident_seeds
 from psa_ray.ops.forward import map_same_shape, precision, upscaled_size
-from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background
+from psa_ray.ops.cam import class_activation_maps, normalize_cams, with_background, with_constant_background
 from psa_ray.ops.crf import dense_crf
+from psa_ray.ops.quality import edge_band, label_quality
 from psa_ray.ops.random_walk import random_walk_many
 
 STRIDE = 8
@@ -154,3 +156,47 @@ def upsample_scores(scores: torch.Tensor | np.ndarray, height: int, width: int,
     if walked != (height, width):
         full = F.interpolate(full, size=(height, width), mode="bilinear", align_corners=False)
     return full[0].numpy()
+
+
+@dataclass(frozen=True)
+class RefinedLabel:
+    """Stage D's result for one image at its processing size [H,W]: the pseudo label, and what it
+    was made from (for scoring and pictures)."""
+
+    label: np.ndarray        # [H,W] uint8: 0 or class_ids, erased classes restored
+    confidence: float        # the mean over pixels of the final CRF's top probability
+    quality: float           # `ops.quality.label_quality` of the label before the restoring
+    restored: list[int]      # the classes the walk erased, restored from the CAM
+    cams: np.ndarray         # [n+1,H,W] CAM scores, background (1 - max)^alpha first
+    walked: np.ndarray       # [n+1,H,W] the walked scores at the image size
+
+
+def refine_label(rgb: np.ndarray, cams: np.ndarray, walked: np.ndarray, class_ids: np.ndarray,
+                 config: WalkConfig, seed_alpha: float) -> RefinedLabel:
+    """Stage D after the walk, for one image: rgb [H,W,3] uint8, cams [n,H,W] (for class_ids) and
+    the walked scores [n+1,h,w] of `walk_scores` -> the pseudo label.
+
+    The walked scores are blended with the CAM's (`blend_scores`, `config.cam_weight`) and refined
+    by a dense CRF; the label is scored (`label_quality`, before the restoring, so that an image
+    whose walk erased a class scores low) and a tagged class the walk erased gets back its
+    confident CAM region (`restore_erased_classes` at `seed_alpha`, stage B's alpha_low).
+    """
+    walked = upsample_scores(walked, *rgb.shape[:2], config)
+    scores = cam_scores(cams, config.alpha)
+    probs = crf_scores(rgb, blend_scores(walked, scores, config.cam_weight), config.crf)
+    refined = scores_to_labels(probs, class_ids)
+    band = edge_band(rgb.shape[0], upscaled_size(*rgb.shape[:2], config.min_side)[0], STRIDE)
+    quality = label_quality(refined, scores_to_labels(walked, class_ids), band, class_ids)
+    label, restored = restore_erased_classes(refined, cams, class_ids, seed_alpha)
+    return RefinedLabel(label, float(probs.max(axis=0).mean()), quality, restored, scores, walked)
+
+
+def label_variants(rgb: np.ndarray, cams: np.ndarray, refined: RefinedLabel, class_ids: np.ndarray,
+                   config: CrfConfig) -> dict[str, np.ndarray]:
+    """The labels [H,W] that evaluation compares, by name: the CAM's (`cam`: background
+    (1 - max)^alpha; `psa`: psa's constant background), the CAM's after a CRF (`cam_crf`), the
+    walk's (`rw`) and the final one (`rw_crf`)."""
+    psa = with_constant_background(torch.from_numpy(np.asarray(cams, np.float32))[None])[0].numpy()
+    return {"cam": scores_to_labels(refined.cams, class_ids), "psa": scores_to_labels(psa, class_ids),
+            "cam_crf": scores_to_labels(crf_scores(rgb, refined.cams, config), class_ids),
+            "rw": scores_to_labels(refined.walked, class_ids), "rw_crf": refined.label}

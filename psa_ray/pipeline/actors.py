@@ -12,21 +12,16 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from psa_ray.config import CamConfig, WalkConfig
 from psa_ray.io.images import resize_label
-from psa_ray.io.palette import IGNORE, decode_label_png, encode_label_png
+from psa_ray.io.palette import decode_label_png, encode_label_png
 from psa_ray.io.seeds import encode_seed_scores
 from psa_ray.io.storage import read_bytes
 from psa_ray.io.redact import redact
-from psa_ray.ops.cam import with_constant_background
-from psa_ray.ops.forward import upscaled_size
-from psa_ray.ops.metrics import confusion_matrix
+from psa_ray.ops.metrics import ground_truth_scores
 from psa_ray.ops.pseudo_labels import (
-    STRIDE, blend_scores, cam_scores, crf_scores, restore_erased_classes, scores_to_labels, seed_crf_scores,
-    seed_label, tagged_cams, upsample_scores, walk_scores)
-from psa_ray.ops.quality import edge_band, label_quality
+    label_variants, refine_label, seed_crf_scores, seed_label, tagged_cams, walk_scores)
 from psa_ray.models.inference import autocast_dtype, input_normalization, load_trained, model_input
 from psa_ray.pipeline.readers import object_column
 from psa_ray.pipeline.row_errors import ErrorRate, fatal_device_error, free_device_memory, out_of_memory, stage_guard
@@ -197,11 +192,9 @@ def ground_truth(uri: str) -> np.ndarray | None:
 
 
 class RefineActor:
-    """CPU stage D: dense CRF on the walked scores (blended with the CAM's, `WalkConfig.cam_weight`)
-    -> pseudo label, with a tagged class the walk erased restored from its confident CAM region
-    (`restore_erased_classes` at `seed_alpha`, stage B's alpha_low), shard columns (with the
-    per-image quality score, `ops.quality.label_quality`, of the label before the restoring, so
-    that such an image scores low), evaluation."""
+    """CPU stage D: `ops.pseudo_labels.refine_label` on each walked row (blend, CRF, quality score,
+    erased classes restored), the label at the image's full size with the shard columns, and its
+    evaluation against the ground truth (`ops.metrics.ground_truth_scores`)."""
 
     def __init__(self, walk: WalkConfig, seed_alpha: float, num_classes: int, evaluate: bool):
         self.walk, self.seed_alpha = walk, seed_alpha
@@ -209,52 +202,29 @@ class RefineActor:
 
     def _row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         rgb, class_ids = batch["rgb"][i], batch["class_ids"][i]
-        raw_cams = batch["cams"][i].astype(np.float32)
-        walked = upsample_scores(batch["walked"][i], *rgb.shape[:2], self.walk)
-        cams = cam_scores(raw_cams, self.walk.alpha)
-        probs = crf_scores(rgb, blend_scores(walked, cams, self.walk.cam_weight), self.walk.crf)
+        cams = batch["cams"][i].astype(np.float32)
+        refined = refine_label(rgb, cams, batch["walked"][i], class_ids, self.walk, self.seed_alpha)
         # An image shrunk for processing (PipelineConfig.max_side) gets its label at its full size.
-        height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
-        refined = scores_to_labels(probs, class_ids)
-        band = edge_band(rgb.shape[0], upscaled_size(*rgb.shape[:2], self.walk.min_side)[0], STRIDE)
-        quality = label_quality(refined, scores_to_labels(walked, class_ids), band, class_ids)
-        refined, restored = restore_erased_classes(refined, raw_cams, class_ids, self.seed_alpha)
-        label = resize_label(refined, height, width)
-        out = shard_columns(label, float(probs.max(axis=0).mean()), self.num_classes + 1, quality, restored)
+        label = resize_label(refined.label, int(batch["orig_height"][i]), int(batch["orig_width"][i]))
+        out = shard_columns(label, refined.confidence, self.num_classes + 1, refined.quality, refined.restored)
         if self.evaluate:
             out.update(self.scores(str(batch["gt_uri"][i]), label, lambda: {
-                "cam": scores_to_labels(cams, class_ids),  # the names of EVAL_VARIANTS
-                "psa": scores_to_labels(with_constant_background(torch.from_numpy(raw_cams)[None])[0].numpy(),
-                                        class_ids),
-                "cam_crf": scores_to_labels(crf_scores(rgb, cams, self.walk.crf), class_ids),
-                "rw": scores_to_labels(walked, class_ids), "rw_crf": label}))
+                **label_variants(rgb, cams, refined, class_ids, self.walk.crf), "rw_crf": label}))
         return out
 
     def scores(self, gt_uri: str, label: np.ndarray, variants: Callable[[], dict[str, np.ndarray]]) -> dict[str, Any]:
         """A labeled row's evaluation columns: `cm_<variant>`, each of `variants()` (labels by
-        EVAL_VARIANTS name, at the processing size or the label's) against the ground truth at
-        gt_uri; or else `gt_note`, why it was not scored (missing, unreadable, wrong_size,
-        bad_values: a value above the classes, failed: scoring raised), and `gt_message`. Never
-        raises: the label is written and committed whatever its ground truth holds."""
-        def note(code: str, message: str) -> dict[str, Any]:
-            return {"gt_note": code, "gt_message": redact(message)[:300]}
+        EVAL_VARIANTS name) against the ground truth at gt_uri; or else `gt_note`, why it was not
+        scored (`unreadable`, or a note of `ground_truth_scores`), and `gt_message`. Never raises:
+        the label is written and committed whatever its ground truth holds."""
         try:
             gt = ground_truth(gt_uri)
+            matrices, note, why = ground_truth_scores(gt, label.shape, variants, self.num_classes + 1)
         except Exception as e:  # noqa: BLE001 - a ground-truth problem never costs the label
-            return note("unreadable", f"ground truth {gt_uri}: {type(e).__name__}: {e}")
-        if gt is None:
-            return note("missing", f"no ground truth at {gt_uri}")
-        if gt.shape != label.shape:
-            return note("wrong_size", f"ground truth {gt_uri} is {gt.shape[1]}x{gt.shape[0]}, "
-                                      f"the image {label.shape[1]}x{label.shape[0]}")
-        k = self.num_classes + 1
-        if gt[gt != IGNORE].max(initial=0) >= k:
-            return note("bad_values", f"ground truth {gt_uri} holds values above the {self.num_classes} classes")
-        try:
-            return {f"cm_{name}": confusion_matrix(resize_label(pred, *label.shape), gt, k).ravel()
-                    for name, pred in variants().items()}
-        except Exception as e:  # noqa: BLE001 - a ground-truth problem never costs the label
-            return note("failed", f"scoring against {gt_uri}: {type(e).__name__}: {e}")
+            matrices, note, why = {}, "unreadable", f"{type(e).__name__}: {e}"
+        if note:
+            return {"gt_note": note, "gt_message": redact(f"{gt_uri or 'no gt file'}: {why}")[:300]}
+        return {f"cm_{name}": cm for name, cm in matrices.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         columns = shard_defaults(self.num_classes + 1)

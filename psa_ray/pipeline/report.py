@@ -28,8 +28,7 @@ from psa_ray.io.images import decode_scaled, encode_png, resize_label
 from psa_ray.io.palette import colorize, decode_label_png
 from psa_ray.io.storage import exists, join, read_bytes, write_bytes
 from psa_ray.io.redact import redact
-from psa_ray.ops.cam import with_background
-from psa_ray.ops.pseudo_labels import scores_to_labels, tagged_cams, upsample_scores, walk_scores
+from psa_ray.ops.pseudo_labels import refine_label, scores_to_labels, tagged_cams, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
 from psa_ray.pipeline.actors import ground_truth
 from psa_ray.pipeline.quality import statistics_notes, statistics_rows
@@ -68,11 +67,10 @@ def sample_panels(rgb: np.ndarray, tags: np.ndarray, final: np.ndarray, gt: np.n
     autocast = autocast_dtype(device, preset.pipeline.mixed_precision)
     with torch.inference_mode():
         [(class_ids, cams)] = tagged_cams(cam_net, [model_input(rgb, cam_net)], [tags], preset.cam, autocast)
-        cam_scores = with_background(cams[None], preset.walk.alpha)[0].cpu().numpy()
         walked = walk_scores(affinity_net, [model_input(rgb, affinity_net)], [cams], preset.walk,
                              autocast)[0].cpu().numpy()
-    cam_label = scores_to_labels(cam_scores, class_ids)
-    walk_label = scores_to_labels(upsample_scores(walked, height, width, preset.walk), class_ids)
+    refined = refine_label(rgb, cams.float().cpu().numpy(), walked, class_ids, preset.walk, preset.cam.alpha_low)
+    cam_label, walk_label = (scores_to_labels(scores, class_ids) for scores in (refined.cams, refined.walked))
     labels = [cam_label, walk_label, final] + ([gt] if gt is not None else [])
     panels = [rgb, overlay(rgb, cam_label), overlay(rgb, walk_label), colorize(final)]
     titles = [f"image: {', '.join(tag_names(tags, class_names))}", f"CAM (alpha {preset.walk.alpha:g})",
