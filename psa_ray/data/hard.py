@@ -42,9 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psa_ray.data.corpus import register
-from psa_ray.data.synthetic import (
-    Sample, _blob, _Blob, _blur, _head_mask, _jitter, _mottle, _rgb, _smooth_field)
+from psa_ray.data.corpus import CorpusKind, Sample
+from psa_ray.data.drawing import head_mask, jitter, mottle, random_blob, rgb, smooth_field
 
 CLASS_NAMES: tuple[str, ...] = ("zebra", "leopard", "giraffe", "chessboard", "bullseye", "python")
 
@@ -70,6 +69,11 @@ class HardConfig:
     noise_std: float = 6.0                              # per-pixel noise, grey levels
     max_layout_attempts: int = 100                      # re-drawn layouts before giving up
 
+    @property
+    def kind(self) -> CorpusKind:
+        """How this corpus is drawn: `HARD`."""
+        return HARD
+
 
 @dataclass(frozen=True)
 class _Class:
@@ -79,7 +83,7 @@ class _Class:
     period: float
     aspect: tuple[float, float]           # short axis / long axis
     length_factor: float                  # x HardConfig.object_length
-    wobble: float                         # outline harmonics, see synthetic._blob
+    wobble: float                         # outline harmonics, see drawing.random_blob
     exponent: float                       # outline superellipse exponent
     palettes: tuple[int, ...]             # indices into _PALETTES
 
@@ -163,20 +167,20 @@ _TEXTURES = {"stripes": _stripes, "spots": _spots, "net": _net, "checks": _check
 
 def _natural(rng: np.random.Generator) -> np.ndarray:
     """RGB [3] of a random natural colour: brown to green, low to mid saturation."""
-    return _rgb((rng.uniform(0.04, 0.36), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.75)))
+    return rgb((rng.uniform(0.04, 0.36), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.75)))
 
 
 def _background(rng: np.random.Generator, height: int, width: int, config: HardConfig) -> np.ndarray:
     """[H,W,3] float: a natural colour field with multi-octave noise and soft-edged grainy regions."""
     grid = np.array([[_natural(rng) for _ in range(4)] for _ in range(4)])
-    canvas = _smooth_field(grid, height, width)
-    octaves = np.sum([amplitude * _mottle(rng, height, width, cell)
+    canvas = smooth_field(grid, height, width)
+    octaves = np.sum([amplitude * mottle(rng, height, width, cell)
                       for amplitude, cell in ((0.4, 48.0), (0.3, 24.0), (0.2, 12.0), (0.15, 6.0))], axis=0)
     canvas = canvas * (1.0 + octaves)[..., None]
     for _ in range(rng.integers(1, config.background_regions + 1)):
-        region = _mottle(rng, height, width, rng.uniform(20, 45)) - rng.uniform(-0.2, 0.3)
+        region = mottle(rng, height, width, rng.uniform(20, 45)) - rng.uniform(-0.2, 0.3)
         alpha = 1.0 / (1.0 + np.exp(-np.clip(region / 0.04, -50, 50)))
-        grain = 1.0 + rng.uniform(0.15, 0.35) * _mottle(rng, height, width, rng.uniform(2.5, 5))
+        grain = 1.0 + rng.uniform(0.15, 0.35) * mottle(rng, height, width, rng.uniform(2.5, 5))
         colour = _natural(rng) * grain[..., None]
         canvas = canvas * (1.0 - alpha[..., None]) + colour * alpha[..., None]
     return canvas
@@ -190,12 +194,12 @@ def _paint_distractors(rng: np.random.Generator, canvas: np.ndarray, yy: np.ndar
     for _ in range(rng.integers(0, config.max_distractors + 1)):
         kind = rng.integers(4)
         aspect = rng.uniform(0.15, 0.4) if kind == 1 else rng.uniform(0.3, 1.0)
-        blob = _blob(rng, yy, xx, rng.uniform(*config.distractor_length) * short, aspect,
-                     (rng.uniform(0, height), rng.uniform(0, width)), wobble=0.2)
+        blob = random_blob(rng, yy, xx, rng.uniform(*config.distractor_length) * short, aspect,
+                           (rng.uniform(0, height), rng.uniform(0, width)), wobble=0.2)
         colour = _natural(rng)
         shade: np.ndarray
         if kind == 0:    # plain mottle
-            shade = 1.0 + 0.6 * _mottle(rng, height, width, rng.uniform(2.5, 5))
+            shade = 1.0 + 0.6 * mottle(rng, height, width, rng.uniform(2.5, 5))
         elif kind == 1:  # wood grain: thin wavy lines along the long axis
             p = rng.uniform(12, 18)
             wave = 0.3 * p * np.sin(2 * np.pi * blob.u / (2.5 * p) + rng.uniform(0, 2 * np.pi))
@@ -216,7 +220,7 @@ def _object_colours(rng: np.random.Generator, look: _Class, plain: np.ndarray, m
     for _ in range(8):
         light, dark = _PALETTES[look.palettes[rng.integers(len(look.palettes))]]
         base, mark = (light, dark) if rng.uniform() < 0.5 else (dark, light)
-        colours = _jitter(rng, base), _jitter(rng, mark)
+        colours = jitter(rng, base), jitter(rng, mark)
         distance = float(np.linalg.norm(colours[0] - beneath))
         if distance > best_distance:
             best, best_distance = colours, distance
@@ -238,13 +242,13 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, canvas: np
     for index in range(rng.integers(1, max_objects + 1)):
         label = int(rng.integers(len(CLASS_NAMES)))
         look = _CLASSES[label]
-        blob: _Blob = _blob(rng, yy, xx, rng.uniform(*config.object_length) * look.length_factor * short,
-                            rng.uniform(*look.aspect),
-                            (rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width),
-                            wobble=look.wobble, exponent=look.exponent)
+        blob = random_blob(rng, yy, xx, rng.uniform(*config.object_length) * look.length_factor * short,
+                           rng.uniform(*look.aspect),
+                           (rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width),
+                           wobble=look.wobble, exponent=look.exponent)
         if not blob.inside.any():
             return colours, mask, False
-        plain = _head_mask(rng, blob, rng.uniform(*config.plain_fraction))
+        plain = head_mask(rng, blob, rng.uniform(*config.plain_fraction))
         marks = _TEXTURES[look.texture](rng, blob.u, blob.v, look.period * rng.uniform(0.85, 1.15))
         paint = _object_colours(rng, look, plain, marks, canvas[blob.inside].mean(axis=0), config.min_contrast)
         light_angle = rng.uniform(0, 2 * np.pi)
@@ -261,27 +265,10 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, canvas: np
     return colours, mask, acceptable
 
 
+HARD = CorpusKind(class_names=CLASS_NAMES, id_prefix="hard", background=_background,
+                  paint_distractors=_paint_distractors, layout=_layout)
+
+
 def make_sample(index: int, config: HardConfig) -> Sample:
     """The index-th image of the corpus given by config.seed (deterministic)."""
-    rng = np.random.default_rng([config.seed, index, 0])
-    height, width = (int(n) for n in rng.integers(config.min_size, config.max_size + 1, 2))
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
-    canvas = _background(rng, height, width, config)
-    _paint_distractors(np.random.default_rng([config.seed, index, 1]), canvas, yy, xx, config)
-    for attempt in range(config.max_layout_attempts):
-        # fewer objects as attempts fail, so crowded layouts give way instead of looping
-        max_objects = max(1, config.max_objects - attempt // 20)
-        colours, mask, acceptable = _layout(rng, yy, xx, canvas, max_objects, config)
-        if acceptable:
-            break
-    else:
-        raise RuntimeError(f"no acceptable layout for image {index} in {config.max_layout_attempts} "
-                           f"attempts; loosen the visibility limits or shrink the objects")
-    canvas = np.where((mask > 0)[..., None], colours, canvas)
-    image = _blur(canvas) + rng.normal(0.0, config.noise_std, canvas.shape)
-    tags = [CLASS_NAMES[k - 1] for k in np.unique(mask) if k > 0]
-    return Sample(image_id=f"hard_{index:06d}", image=np.clip(np.rint(image), 0, 255).astype(np.uint8),
-                  mask=mask, tags=tags)
-
-
-register(HardConfig, CLASS_NAMES, make_sample)
+    return HARD.make_sample(index, config)

@@ -38,12 +38,12 @@ nothing else. Vectorised numpy.
 """
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass
 
 import numpy as np
 
-from psa_ray.data.corpus import register, write_corpus
+from psa_ray.data.corpus import CorpusKind, Sample, write_corpus
+from psa_ray.data.drawing import Blob, head_mask, jitter, mottle, random_blob, rgb, smooth_field
 
 __all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_sample", "split_ids", "write_corpus"]
 
@@ -71,15 +71,10 @@ class SyntheticConfig:
     noise_std: float = 5.0                              # per-pixel noise, grey levels
     max_layout_attempts: int = 100                      # re-drawn layouts before giving up
 
-
-@dataclass
-class Sample:
-    """One image: id, RGB uint8 [H,W,3], mask uint8 [H,W] (0, 1..C), tags (class names)."""
-
-    image_id: str
-    image: np.ndarray
-    mask: np.ndarray
-    tags: list[str]
+    @property
+    def kind(self) -> CorpusKind:
+        """How this corpus is drawn: `BIRDS`."""
+        return BIRDS
 
 
 @dataclass(frozen=True)
@@ -112,75 +107,7 @@ _HEADS = (
 )
 
 
-@dataclass
-class _Blob:
-    """A rasterised blob: inside mask [H,W] bool, object-frame coordinates u (long axis), v [H,W]."""
-
-    inside: np.ndarray
-    u: np.ndarray
-    v: np.ndarray
-    half_length: float
-
-
-def _rgb(hsv: tuple[float, float, float]) -> np.ndarray:
-    """HSV in [0,1] (hue wraps) -> RGB float [3] in 0..255."""
-    h, s, v = hsv
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))) * 255.0
-
-
-def _jitter(rng: np.random.Generator, hsv: tuple[float, float, float]) -> np.ndarray:
-    """An object's own shade of a class colour: hue +-0.02, saturation and value x[0.85, 1.1]."""
-    h, s, v = hsv
-    return _rgb((h + rng.uniform(-0.02, 0.02), s * rng.uniform(0.85, 1.1), v * rng.uniform(0.85, 1.1)))
-
-
-def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """[n_out, n_in] bilinear (pixel-centre aligned) resampling weights."""
-    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    low = np.floor(pos).astype(int)
-    high = np.minimum(low + 1, n_in - 1)
-    frac = pos - low
-    matrix = np.zeros((n_out, n_in))
-    np.add.at(matrix, (np.arange(n_out), low), 1.0 - frac)
-    np.add.at(matrix, (np.arange(n_out), high), frac)
-    return matrix
-
-
-def _smooth_field(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """grid [gh,gw,c] -> [height,width,c], bilinearly upsampled."""
-    rows, cols = _interpolation_matrix(height, grid.shape[0]), _interpolation_matrix(width, grid.shape[1])
-    return (rows @ grid.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0)
-
-
-def _mottle(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
-    """[height,width] smooth zero-mean noise with features about `cell` pixels wide, std < 0.5."""
-    grid = rng.normal(0.0, 0.5, (int(height / cell) + 2, int(width / cell) + 2, 1))
-    return _smooth_field(grid, height, width)[..., 0]
-
-
-def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, length: float, aspect: float,
-          centre: tuple[float, float], wobble: float = 0.13, exponent: float = 2.0) -> _Blob:
-    """A random smooth blob on the pixel grid yy, xx [H,W]: long axis `length`, short/long `aspect`.
-
-    Its outline is a superellipse of `exponent` (2: an ellipse, 4: a rounded rectangle) whose
-    radius is perturbed by harmonics 2-4 of amplitude each up to `wobble`."""
-    a, b = length / 2.0, length * aspect / 2.0
-    angle = rng.uniform(0.0, np.pi)
-    dy, dx = yy - centre[0], xx - centre[1]
-    u = dx * np.cos(angle) + dy * np.sin(angle)
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    theta = np.arctan2(v / b, u / a)
-    rho = (np.hypot(u / a, v / b) if exponent == 2.0
-           else (np.abs(u / a) ** exponent + np.abs(v / b) ** exponent) ** (1.0 / exponent))
-    harmonics = np.arange(2, 5)
-    amplitude = rng.uniform(0.0, wobble, harmonics.size)
-    phase = rng.uniform(0.0, 2 * np.pi, harmonics.size)
-    radius = 1.0 + np.tensordot(amplitude, np.cos(harmonics[:, None, None] * theta + phase[:, None, None]),
-                                axes=1)
-    return _Blob(inside=rho <= radius, u=u, v=v, half_length=a)
-
-
-def _coat_colours(rng: np.random.Generator, coat: _Coat, blob: _Blob) -> np.ndarray:
+def _coat_colours(rng: np.random.Generator, coat: _Coat, blob: Blob) -> np.ndarray:
     """[H,W,3] body colours: the coat's two-tone texture in the object frame, with soft lighting."""
     u, v, p = blob.u, blob.v, coat.period * rng.uniform(0.85, 1.15)
     if coat.texture == "stripes":   # across the long axis, slightly wavy
@@ -193,28 +120,21 @@ def _coat_colours(rng: np.random.Generator, coat: _Coat, blob: _Blob) -> np.ndar
     else:                           # diamond scales: a checker rotated by 45 degrees
         d1, d2 = (u + v) / (p * np.sqrt(2)), (u - v) / (p * np.sqrt(2))
         marks = (np.floor(d1) + np.floor(d2)) % 2 == 0
-    colours = np.where(marks[..., None], _jitter(rng, coat.mark), _jitter(rng, coat.base))
+    colours = np.where(marks[..., None], jitter(rng, coat.mark), jitter(rng, coat.base))
     light_angle = rng.uniform(0, 2 * np.pi)
     light = 1.0 + 0.12 * (u * np.cos(light_angle) + v * np.sin(light_angle)) / blob.half_length
     return colours * light[..., None]
 
 
-def _head_mask(rng: np.random.Generator, blob: _Blob, fraction: float) -> np.ndarray:
-    """[H,W] bool: the blob's pixels nearest to one tip of its long axis, `fraction` of them."""
-    side = rng.choice([-1.0, 1.0])
-    tip = (side * blob.u[blob.inside]).max() * side
-    distance = np.hypot(blob.u - tip, blob.v)
-    return blob.inside & (distance <= np.quantile(distance[blob.inside], fraction))
-
-
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """[H,W,3] float: a low-frequency, low-saturation colour field with a luminance mottle."""
+def _background(rng: np.random.Generator, height: int, width: int, config: SyntheticConfig) -> np.ndarray:
+    """[H,W,3] float: a low-frequency, low-saturation colour field with a luminance mottle (no
+    setting of config changes it)."""
     gh, gw = rng.integers(2, 5, 2)
     hue = rng.uniform(0, 1)
-    grid = np.array([[_rgb((hue + rng.uniform(-0.12, 0.12), rng.uniform(0.03, 0.2), rng.uniform(0.3, 0.8)))
+    grid = np.array([[rgb((hue + rng.uniform(-0.12, 0.12), rng.uniform(0.03, 0.2), rng.uniform(0.3, 0.8)))
                       for _ in range(gw)] for _ in range(gh)])
-    field = _smooth_field(grid, height, width)
-    return field * (1.0 + 0.25 * _mottle(rng, height, width, rng.uniform(6, 14)))[..., None]
+    field = smooth_field(grid, height, width)
+    return field * (1.0 + 0.25 * mottle(rng, height, width, rng.uniform(6, 14)))[..., None]
 
 
 def _paint_distractors(rng: np.random.Generator, canvas: np.ndarray, yy: np.ndarray, xx: np.ndarray,
@@ -223,16 +143,17 @@ def _paint_distractors(rng: np.random.Generator, canvas: np.ndarray, yy: np.ndar
     height, width = canvas.shape[:2]
     short = min(height, width)
     for _ in range(rng.integers(0, config.max_distractors + 1)):
-        blob = _blob(rng, yy, xx, rng.uniform(*config.distractor_length) * short, rng.uniform(0.3, 1.0),
-                     (rng.uniform(0, height), rng.uniform(0, width)))
-        colour = _rgb((rng.uniform(0.02, 0.12), rng.uniform(0.0, 0.35), rng.uniform(0.25, 0.75)))
-        shade = 1.0 + 0.6 * _mottle(rng, height, width, rng.uniform(2.5, 5))
+        blob = random_blob(rng, yy, xx, rng.uniform(*config.distractor_length) * short, rng.uniform(0.3, 1.0),
+                           (rng.uniform(0, height), rng.uniform(0, width)))
+        colour = rgb((rng.uniform(0.02, 0.12), rng.uniform(0.0, 0.35), rng.uniform(0.25, 0.75)))
+        shade = 1.0 + 0.6 * mottle(rng, height, width, rng.uniform(2.5, 5))
         canvas[blob.inside] = colour * shade[blob.inside, None]
 
 
-def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, max_objects: int,
+def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, canvas: np.ndarray, max_objects: int,
             config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Draw 1..max_objects objects: (colours [H,W,3] where mask > 0, mask [H,W] uint8, acceptable)."""
+    """Draw 1..max_objects objects: (colours [H,W,3] where mask > 0, mask [H,W] uint8, acceptable).
+    Their colours do not depend on the canvas beneath."""
     height, width = yy.shape
     short, area = min(height, width), height * width
     mask = np.zeros((height, width), np.uint8)
@@ -242,15 +163,15 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, max_object
     for index in range(rng.integers(1, max_objects + 1)):
         label = int(rng.integers(len(CLASS_NAMES)))
         length = rng.uniform(*config.object_length) * short
-        blob = _blob(rng, yy, xx, length, rng.uniform(*config.object_aspect),
-                     (rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width))
+        blob = random_blob(rng, yy, xx, length, rng.uniform(*config.object_aspect),
+                           (rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width))
         if not blob.inside.any():
             return colours, mask, False
-        head = _head_mask(rng, blob, rng.uniform(*config.part_fraction))
+        head = head_mask(rng, blob, rng.uniform(*config.part_fraction))
         own_coat = rng.uniform() < config.own_coat_probability
         coat = _COATS[label % len(_COATS)] if own_coat else _COATS[rng.integers(len(_COATS))]
         body = _coat_colours(rng, coat, blob)
-        colours[blob.inside] = np.where(head[..., None], _jitter(rng, _HEADS[label]), body)[blob.inside]
+        colours[blob.inside] = np.where(head[..., None], jitter(rng, _HEADS[label]), body)[blob.inside]
         mask[blob.inside] = label + 1
         owner[blob.inside] = index
         drawn_areas.append(blob.inside.sum())
@@ -262,36 +183,13 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, max_object
     return colours, mask, acceptable
 
 
-def _blur(image: np.ndarray) -> np.ndarray:
-    """[H,W,3] separable [1,2,1]/4 blur with edge padding."""
-    padded = np.pad(image, ((1, 1), (0, 0), (0, 0)), mode="edge")
-    image = (padded[:-2] + 2 * padded[1:-1] + padded[2:]) / 4
-    padded = np.pad(image, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    return (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
+BIRDS = CorpusKind(class_names=CLASS_NAMES, id_prefix="syn", background=_background,
+                   paint_distractors=_paint_distractors, layout=_layout)
 
 
 def make_sample(index: int, config: SyntheticConfig) -> Sample:
     """The index-th image of the corpus given by config.seed (deterministic)."""
-    rng = np.random.default_rng([config.seed, index, 0])
-    height, width = (int(n) for n in rng.integers(config.min_size, config.max_size + 1, 2))
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
-    canvas = _background(rng, height, width)
-    # distractors draw from their own stream: the rest of the image does not depend on them
-    _paint_distractors(np.random.default_rng([config.seed, index, 1]), canvas, yy, xx, config)
-    for attempt in range(config.max_layout_attempts):
-        # fewer objects as attempts fail, so crowded layouts give way instead of looping
-        max_objects = max(1, config.max_objects - attempt // 20)
-        colours, mask, acceptable = _layout(rng, yy, xx, max_objects, config)
-        if acceptable:
-            break
-    else:
-        raise RuntimeError(f"no acceptable layout for image {index} in {config.max_layout_attempts} "
-                           f"attempts; loosen the visibility limits or shrink the objects")
-    canvas = np.where((mask > 0)[..., None], colours, canvas)
-    image = _blur(canvas) + rng.normal(0.0, config.noise_std, canvas.shape)
-    tags = [CLASS_NAMES[k - 1] for k in np.unique(mask) if k > 0]
-    return Sample(image_id=f"syn_{index:06d}", image=np.clip(np.rint(image), 0, 255).astype(np.uint8),
-                  mask=mask, tags=tags)
+    return BIRDS.make_sample(index, config)
 
 
 def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -303,6 +201,3 @@ def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str]
     picked = np.random.default_rng(seed).permutation(len(ordered))[: round(len(ordered) * val_fraction)]
     val = {ordered[i] for i in picked}
     return [i for i in ids if i not in val], [i for i in ids if i in val]
-
-
-register(SyntheticConfig, CLASS_NAMES, make_sample)
