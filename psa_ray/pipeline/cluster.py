@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import ray
 
+from psa_ray.pipeline.progress import quiet_ray, ray_logging
+
 
 class ClusterShape(NamedTuple):
     """has_gpu: the run's actors and workers use GPUs; small: a CPU-only cluster of under 4 CPUs
@@ -15,13 +17,15 @@ class ClusterShape(NamedTuple):
     small: bool
 
 
-def connect(endpoint_url: str | None = None) -> None:
+def connect(endpoint_url: str | None = None, verbose: bool = False) -> None:
     """`ray.init` for a job: the cluster in RAY_ADDRESS (or a local Ray), with the S3 endpoint
-    override (`endpoint_url`, else the driver's AWS_ENDPOINT_URL) passed on to every worker."""
+    override (`endpoint_url`, else the driver's AWS_ENDPOINT_URL) passed on to every worker; Ray's
+    own logs and progress only when `verbose` (`progress.quiet_ray`)."""
     if endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
-    ray.init(runtime_env={"env_vars": env} if env else None)
+    ray.init(runtime_env={"env_vars": env} if env else None, logging_config=ray_logging(verbose))
+    quiet_ray(verbose)
 
 
 def cluster_shape(use_gpu: bool | None) -> ClusterShape:

@@ -35,6 +35,7 @@ from psa_ray.pipeline.quality import label_statistics, quality_warnings, review_
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
+from psa_ray.pipeline.progress import StageProgress, stage
 from psa_ray.pipeline.stages import label_stage, seed_stage, stall_ends_job, train_stage, watch_progress
 from psa_ray.pipeline.writers import (
     EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, drop_retried_errors, read_table, table_rows)
@@ -125,6 +126,11 @@ def report_samples(output: str, class_names: list[str], gt: str | None, count: i
     return report_rows(records, class_names, gt)
 
 
+def _count(keys: Any) -> int:
+    """How many keys a `committed_keys` ref holds (None: none)."""
+    return 0 if keys is None else len(ray.get(keys))
+
+
 def run(job: LabelJob) -> dict[str, Any]:
     """Run stages A-E (skipping what the output already holds); returns the run summary. The job
     holds the output's lease (`io.lease`) throughout: another job on the same output is refused."""
@@ -150,10 +156,16 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
     cpus_per_worker = 0.5 if small else 1.0
     watch_progress()
 
-    def timed(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def timed(name: str, fn: Callable[..., Any], *args: Any, images: int | None = None, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) as stage `name`, timed; with `images` (to do), a progress line
+        every few seconds, counted by the stage's writers (`counter`)."""
         t = time.perf_counter()
-        with stall_ends_job(name, preset.pipeline, has_gpu):
-            value = fn(*args, **kwargs)
+        with stage(name), stall_ends_job(name, preset.pipeline, has_gpu):
+            if images is None:
+                value = fn(*args, **kwargs)
+            else:
+                with StageProgress(name, images) as progress:
+                    value = fn(*args, counter=progress.counter, **kwargs)
         timings[name] = round(time.perf_counter() - t, 2)
         return value
 
@@ -180,7 +192,8 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
         drop_retried_errors(join(job.output, SEED_ERRORS))
         seeded = committed_keys(join(job.output, SEED_INDEX), errors=join(job.output, SEED_ERRORS))
         timed("seeds", seed_stage, corpus_dataset(index, sample=True, exclude=seeded), preset, cam_w,
-              len(names), job.output, has_gpu)
+              len(names), job.output, has_gpu,
+              images=(index.sample["size"] if index.sample else index.num_rows) - _count(seeded))
         rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
         affinity_w = timed("train_affinity", train_stage, "affinity",
                            rows.map_batches(with_mask_uri, num_cpus=READ_CPUS,
@@ -191,7 +204,7 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
     done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
     skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
     timed("labels", label_stage, corpus_dataset(index, exclude=done, gt=gt), preset, cam_w, affinity_w,
-          len(names), job.output, run_id, has_gpu, evaluate=bool(gt))
+          len(names), job.output, run_id, has_gpu, evaluate=bool(gt), images=index.num_rows - _count(done))
     metrics = evaluation(job.output, names)
     if metrics:
         write_bytes(join(job.output, "metrics.json"), json.dumps(metrics, indent=2).encode())

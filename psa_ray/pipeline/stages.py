@@ -158,14 +158,16 @@ def is_empty(rows: ray.data.Dataset) -> bool:
 
 
 def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage, cpu_stage: ActorStage,
-                 has_gpu: bool, folder: str, column: str) -> ray.data.Dataset:
+                 has_gpu: bool, folder: str, column: str, counter: Any = None) -> ray.data.Dataset:
     """Decoded rows through both actor stages, then each row's `column` bytes written to
-    `<folder>/<image_id>.png`: the part stages B and D share, before their commit."""
+    `<folder>/<image_id>.png` (the rows counted on `counter`, a `progress.RowCounter`): the part
+    stages B and D share, before their commit."""
     cpus = ray.cluster_resources().get("CPU", 0)
     p = gpu_pipeline(preset.pipeline, cpus) if has_gpu else cpu_only_pipeline(preset.pipeline, cpus)
     ds = decoded_dataset(ds, num_cpus=p.decode_cpus, max_side=p.max_side)
     ds = actor_stages(ds, network_stage, cpu_stage, p, has_gpu)
-    return ds.map_batches(write_row_files, num_cpus=p.write_cpus, fn_kwargs={"folder": folder, "column": column})
+    return ds.map_batches(write_row_files, num_cpus=p.write_cpus,
+                          fn_kwargs={"folder": folder, "column": column, "counter": counter})
 
 
 def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: list[str],
@@ -201,7 +203,7 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
 
 
 def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_classes: int, output: str,
-               has_gpu: bool) -> None:
+               has_gpu: bool, counter: Any = None) -> None:
     """Stage B: CAMs (GPU pool) -> CRF at two alphas (CPU pool) -> seeds/<id>.png, committed in
     index/seeds/ with each image's tags and seed fractions; the rows that failed in
     index/seed-errors/. rows: those without a committed seed or a final seed error."""
@@ -211,13 +213,14 @@ def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_cla
     ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
                                                         mixed_precision=p.mixed_precision)),
                       (SeedActor, {"cam": preset.cam, "num_classes": num_classes}), has_gpu,
-                      join(output, "seeds"), "png")
+                      join(output, "seeds"), "png", counter)
     ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows, with_seed_fractions=True,
                                 errors_uri=join(output, SEED_ERRORS)), ray_remote_args={"num_cpus": COMMIT_CPUS})
 
 
 def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,
-                num_classes: int, output: str, run_id: str, has_gpu: bool, evaluate: bool) -> None:
+                num_classes: int, output: str, run_id: str, has_gpu: bool, evaluate: bool,
+                counter: Any = None) -> None:
     """Stage D: CAM -> AffinityNet -> random walk (GPU pool) -> CRF (CPU pool) -> labels/, then
     shards/ (and eval/, errors/) committed thousands of rows at a time. rows: those not yet
     committed; evaluate: score rows whose `gt_uri` file exists."""
@@ -229,5 +232,5 @@ def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affini
                                                         mixed_precision=p.mixed_precision)),
                       (RefineActor, dict(walk=preset.walk, seed_alpha=preset.cam.alpha_low, num_classes=num_classes,
                                         evaluate=evaluate)),
-                      has_gpu, join(output, "labels"), "label_png")
+                      has_gpu, join(output, "labels"), "label_png", counter)
     ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})

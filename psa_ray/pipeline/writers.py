@@ -138,8 +138,10 @@ def drop_retried_errors(folder: str) -> int:
     return dropped
 
 
-def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str) -> dict[str, np.ndarray]:
-    """Write column `column` (PNG bytes) of each error-free row to `<folder>/<image_id>.png`.
+def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str,
+                    counter: Any = None) -> dict[str, np.ndarray]:
+    """Write column `column` (PNG bytes) of each error-free row to `<folder>/<image_id>.png`, and
+    count the batch's rows on `counter` (a `progress.RowCounter`), if given.
 
     A map step before a committing sink: the files of a block land as it is done, while the
     sink commits thousands of rows at a time. A file written again on a rerun gets the same name.
@@ -147,6 +149,8 @@ def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str) -
     for image_id, data, error in zip(batch["image_id"], batch[column], batch["error"]):
         if not error:
             write_bytes(join(folder, f"{image_id}.png"), bytes(data))
+    if counter is not None:
+        counter.add.remote(len(batch["image_id"]))
     return batch
 
 

@@ -168,6 +168,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(epoch=epoch + 1, step=step, first_loss=first_loss, resumed_from_epoch=start_epoch,
                        epoch_seconds=time.perf_counter() - started, precision=precision)
         last = epoch + 1 == config.epochs
+        if rank == 0:  # the job's progress line for this stage (the worker's stdout reaches the driver)
+            print(f"[{task.kind}] epoch {epoch + 1}/{config.epochs}: loss {metrics.get('loss', float('nan')):.4f}, "
+                  f"{metrics['epoch_seconds']:.0f} s", flush=True)
         if rank == 0 and (last or (epoch + 1) % config.checkpoint_every_epochs == 0):
             with tempfile.TemporaryDirectory() as folder:
                 export_network(core.state_dict(), loop_config["meta"], folder)
