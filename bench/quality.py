@@ -32,7 +32,9 @@ import ray  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from psa_ray.config import to_dict  # noqa: E402
 from psa_ray.data import CORPORA, split_ids, write_corpus  # noqa: E402
-from psa_ray.io.manifest import CorpusRow, write_classes, write_manifest  # noqa: E402
+from psa_ray.io.classes import write_classes  # noqa: E402
+from psa_ray.io.manifest_writer import write_manifest  # noqa: E402
+from psa_ray.io.rows import CorpusRow  # noqa: E402
 from psa_ray.io.inputs import read_corpus  # noqa: E402
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
 from psa_ray.pipeline.labeling import LabelJob, resolve_preset, run  # noqa: E402

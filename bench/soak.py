@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bench.machine import describe_machine  # noqa: E402
 from bench.pipeline import bench_preset, prepare  # noqa: E402
 from psa_ray.io.inputs import read_corpus  # noqa: E402
-from psa_ray.io.manifest import Corpus, CorpusRow  # noqa: E402
+from psa_ray.io.rows import Corpus, CorpusRow  # noqa: E402
 from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
 
 DEFAULT_IMAGES, DEFAULT_WINDOW, DEFAULT_DISTINCT = 50_000, 5_000, 1_000

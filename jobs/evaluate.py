@@ -14,7 +14,7 @@ import sys
 
 from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
 from psa_ray.errors import run_job
-from psa_ray.io.manifest import resolve_classes
+from psa_ray.io.classes import resolve_classes
 from psa_ray.io.lease import current_holder, holder_text
 from psa_ray.io.redact import redact
 from psa_ray.io.storage import parent, write_bytes

@@ -123,7 +123,8 @@ def quick_job(ray_cluster, tmp_path_factory) -> tuple[Any, dict[str, Any]]:
     the rest (the one run that trains on bad rows, for tests/test_bad_inputs.py)."""
     from psa_ray.data.synthetic import SyntheticConfig, write_corpus
     from psa_ray.io.inputs import read_corpus
-    from psa_ray.io.manifest import CorpusRow, write_manifest
+    from psa_ray.io.manifest_writer import write_manifest
+    from psa_ray.io.rows import CorpusRow
     from psa_ray.pipeline.labeling import LabelJob, run
 
     corpus = tmp_path_factory.mktemp("trained") / "corpus"

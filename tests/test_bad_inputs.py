@@ -20,7 +20,8 @@ from PIL import Image
 from psa_ray.config import PipelineConfig, WalkConfig
 from psa_ray.data.synthetic import CLASS_NAMES, SyntheticConfig, make_sample, write_corpus
 from psa_ray.io.images import decode_image, decode_scaled, processing_size
-from psa_ray.io.manifest import MAX_ID_BYTES, CorpusRow, ManifestError, write_manifest
+from psa_ray.io.manifest_writer import write_manifest
+from psa_ray.io.rows import MAX_ID_BYTES, CorpusRow, ManifestError
 from psa_ray.io.inputs import read_corpus
 from psa_ray.io.palette import decode_label_png, encode_label_png
 from psa_ray.io.storage import join, list_files, read_bytes, write_bytes

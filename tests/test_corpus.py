@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from psa_ray.io.manifest import ManifestError, id_key
+from psa_ray.io.keys import id_key
+from psa_ray.io.rows import ManifestError
 from psa_ray.io.storage import join, list_files, read_bytes
 from psa_ray.pipeline.corpus import committed_keys, corpus_dataset, prepare_corpus, select
 from psa_ray.pipeline.writers import read_tables
@@ -99,8 +100,9 @@ def test_arrow_checks_give_the_rows_the_per_row_checks_give(tmp_path, base):
     """Stage 0 checks Parquet rows with Arrow kernels where a row needs nothing changed and with
     check_record otherwise: the table it gives equals check_record's on every row, tricky ones
     included (things to strip, paths to normalise, URIs, repeated, unknown or null tags, bad ids)."""
-    from psa_ray.io.manifest import manifest_parts, part_records, plain_rows
-    from psa_ray.pipeline.corpus import _read_part, checked_table
+    from psa_ray.io.checked_rows import checked_table, read_part as _read_part
+    from psa_ray.io.manifest import manifest_parts, part_records
+    from psa_ray.io.rows import plain_rows
 
     tricky = [("ok", "a.png", ["cat"]), (" pad ", "b.png", ["cat"]), ("x", " b.png", ["cat"]),
               ("x2", "./b.png", ["cat"]), ("x3", "d/../b.png", ["dog"]), ("x4", "d//b.png", ["cat"]),

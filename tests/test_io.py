@@ -15,7 +15,9 @@ from PIL import Image
 
 from psa_ray.io import storage
 from psa_ray.io.images import ImageDecodeError, decode_image, encode_png
-from psa_ray.io.manifest import ERROR_SCHEMA, CorpusRow, ManifestError, RowError, write_classes, write_manifest
+from psa_ray.io.classes import write_classes
+from psa_ray.io.manifest_writer import write_manifest
+from psa_ray.io.rows import ERROR_SCHEMA, CorpusRow, ManifestError, RowError
 from psa_ray.io.inputs import read_corpus
 from psa_ray.io.palette import VOC_PALETTE, colorize, decode_label_png, encode_label_png
 from psa_ray.io.storage import RetryPolicy, exists, join, list_files, read_bytes, remove_tree, write_bytes

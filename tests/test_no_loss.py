@@ -21,12 +21,13 @@ from psa_ray.config import PRESETS
 from psa_ray.data import CLASS_NAMES, SyntheticConfig, write_corpus
 from psa_ray.errors import UserError, run_job
 from psa_ray.io.inputs import read_corpus
-from psa_ray.io.manifest import ERROR_SCHEMA, id_problem, plain_rows
+from psa_ray.io.rows import ERROR_SCHEMA, id_problem, plain_rows
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, read_bytes, write_bytes
 from psa_ray.ops.metrics import confusion_matrix, iou_per_class
 from psa_ray.pipeline.actors import RefineActor
-from psa_ray.pipeline.corpus import BUILTIN_RECORD, READ_CPUS, builtin_corpus
+from psa_ray.pipeline.builtin import BUILTIN_RECORD, builtin_corpus
+from psa_ray.pipeline.datasources import READ_CPUS
 from psa_ray.pipeline.scoring import evaluation, score_folders
 from psa_ray.models.networks import build_network
 from psa_ray.pipeline.readers import corpus_rows, rows_dataset

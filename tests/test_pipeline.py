@@ -68,7 +68,8 @@ def test_label_job_end_to_end_on_s3(ray_cluster, s3_bucket):
 
 def _small_corpus(root, num_rows: int) -> str:
     """A manifest of num_rows distinct ids over 12 small (40 px) synthetic images: cheap to label."""
-    from psa_ray.io.manifest import CorpusRow, write_manifest
+    from psa_ray.io.manifest_writer import write_manifest
+    from psa_ray.io.rows import CorpusRow
     from psa_ray.io.inputs import read_corpus
 
     samples = read_corpus(write_corpus(str(root), SyntheticConfig(num_images=12, seed=9)))[0].rows

@@ -8,9 +8,9 @@ from psa_ray.io.storage import join
 from psa_ray.ops.quality import edge_band, interior_share, label_agreement, label_quality
 import pyarrow as pa
 
-from psa_ray.pipeline.quality import (
-    AREA_HIGH_WARNING, AREA_WARNING, MIN_TAGGED, VANISHED_WARNING, label_statistics, quality_warnings,
-    review_rows, seed_statistics, statistics_table)
+from psa_ray.pipeline.quality import label_statistics, review_rows, seed_statistics
+from psa_ray.pipeline.quality_rules import (
+    AREA_HIGH_WARNING, AREA_WARNING, MIN_TAGGED, VANISHED_WARNING, quality_warnings, statistics_table)
 from psa_ray.pipeline.writers import SEED_INDEX, IndexSink, shard_table, write_table
 
 NAMES = ["cat", "dog", "bird"]

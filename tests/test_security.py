@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from psa_ray.io import storage
-from psa_ray.io.manifest import ManifestError
+from psa_ray.io.rows import ManifestError
 from psa_ray.io.inputs import read_corpus
 from psa_ray.io.storage import join
 from psa_ray.io.redact import redact

@@ -10,7 +10,9 @@ import numpy as np
 
 from psa_ray.data.drawing import blur
 from psa_ray.io.images import encode_png
-from psa_ray.io.manifest import CorpusRow, write_classes, write_manifest
+from psa_ray.io.classes import write_classes
+from psa_ray.io.manifest_writer import write_manifest
+from psa_ray.io.rows import CorpusRow
 from psa_ray.io.palette import encode_label_png
 from psa_ray.io.storage import join, write_bytes
 

@@ -7,9 +7,8 @@ import posixpath
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
-from psa_ray.io.manifest import (
-    MANIFEST_FORMATS, Corpus, ManifestError, RowError, all_rejected_message, format_of, manifest_base,
-    manifest_parts, part_records, read_manifest, validate_records)
+from psa_ray.io.manifest import MANIFEST_FORMATS, format_of, manifest_base, manifest_parts, part_records, read_manifest
+from psa_ray.io.rows import Corpus, ManifestError, RowError, all_rejected_message, validate_records
 from psa_ray.io.storage import list_files
 from psa_ray.io.voc import read_voc, voc_root
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 
-from psa_ray.io.manifest import (
-    Corpus, ManifestError, RowError, RowProblem, id_problem, read_text, resolve_classes, usable_corpus,
-    validate_records)
+from psa_ray.io.classes import read_text, resolve_classes
+from psa_ray.io.rows import Corpus, ManifestError, RowError, RowProblem, id_problem, usable_corpus, validate_records
 from psa_ray.io.storage import exists, join, read_bytes
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -23,15 +23,18 @@ from psa_ray.config import PRESETS, Preset, default_preset, pretrained_preset, t
 from psa_ray.data import CORPORA
 from psa_ray.errors import UserError
 from psa_ray.io.lease import hold
-from psa_ray.io.manifest import Corpus, CorpusRow
+from psa_ray.io.keys import held_out_rule
+from psa_ray.io.rows import Corpus, CorpusRow
 from psa_ray.io.storage import absolute, exists, join, list_files, read_bytes, write_bytes
 from psa_ray.io.redact import redact
 from psa_ray.models.inference import check_weights, read_meta
 from psa_ray.models.weights import WeightsError, builtin_weights
 from psa_ray.pipeline.cluster import cluster_shape
-from psa_ray.pipeline.corpus import (
-    READ_CPUS, CorpusIndex, builtin_corpus, committed_keys, corpus_dataset, held_out_rule, prepare_corpus)
-from psa_ray.pipeline.quality import label_statistics, quality_warnings, review_rows, seed_statistics
+from psa_ray.pipeline.builtin import builtin_corpus
+from psa_ray.pipeline.corpus import CorpusIndex, committed_keys, corpus_dataset, prepare_corpus
+from psa_ray.pipeline.datasources import READ_CPUS
+from psa_ray.pipeline.quality import label_statistics, review_rows, seed_statistics
+from psa_ray.pipeline.quality_rules import quality_warnings
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation

@@ -20,7 +20,7 @@ import torch
 
 from psa_ray.config import PRESETS, PipelineConfig, default_preset
 from psa_ray.errors import UserError
-from psa_ray.io.manifest import RowError
+from psa_ray.io.rows import RowError
 from psa_ray.io.inputs import read_images
 from psa_ray.io.images import resize_label
 from psa_ray.io.lease import hold

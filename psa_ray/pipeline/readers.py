@@ -9,7 +9,7 @@ import ray
 from psa_ray.config import PipelineConfig
 from psa_ray.io.images import ImageDecodeError, decode_scaled, resize_label
 from psa_ray.io.seeds import decode_seed
-from psa_ray.io.manifest import Corpus
+from psa_ray.io.rows import Corpus
 from psa_ray.io.storage import ObjectTooLargeError, is_transient, join, list_files, read_bytes
 from psa_ray.io.redact import redact
 from psa_ray.pipeline.writers import digest, error_table, write_table

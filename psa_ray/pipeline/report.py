@@ -31,7 +31,7 @@ from psa_ray.io.redact import redact
 from psa_ray.ops.pseudo_labels import refine_label, scores_to_labels, tagged_cams, walk_scores
 from psa_ray.ops.visualize import legend_entries, overlay, panel_grid, upscale
 from psa_ray.pipeline.actors import ground_truth
-from psa_ray.pipeline.quality import statistics_notes, statistics_rows
+from psa_ray.pipeline.quality_rules import statistics_notes, statistics_rows
 from psa_ray.pipeline.scoring import metrics_rows
 from psa_ray.pipeline.tables import Table, html_table, text_table
 from psa_ray.models.inference import autocast_dtype, load_trained, model_input

@@ -21,7 +21,7 @@ from psa_ray.io.storage import exists, join
 from psa_ray.models.inference import MODEL_FILE
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
-from psa_ray.pipeline.corpus import READ_CPUS
+from psa_ray.pipeline.datasources import READ_CPUS
 from psa_ray.pipeline.readers import decoded_dataset, keep_decoded
 from psa_ray.pipeline.writers import SEED_ERRORS, SEED_INDEX, IndexSink, LabelSink, write_row_files
 from psa_ray.train.loop import fit

@@ -17,7 +17,7 @@ from psa_ray.io.lease import hold
 from psa_ray.io.storage import absolute, join
 from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
-from psa_ray.pipeline.corpus import builtin_corpus
+from psa_ray.pipeline.builtin import builtin_corpus
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, rows_dataset, with_masks
 from psa_ray.pipeline.stages import train_stage
 from psa_ray.pipeline.writers import table_rows

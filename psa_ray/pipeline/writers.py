@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from psa_ray.io.manifest import ERROR_SCHEMA
+from psa_ray.io.rows import ERROR_SCHEMA
 from psa_ray.io.palette import IGNORE, encode_label_png
 from psa_ray.io.storage import filesystem, join, list_files, read_bytes, remove_tree, with_retries, write_bytes
 
