@@ -1,12 +1,11 @@
 """Ray Data datasources: a manifest read as checked rows (`ManifestDatasource`) and whole Parquet
-files (`TableFilesDatasource`, `parquet_dataset`)."""
+files (`parquet_dataset`, through `ray_compat.TableFilesDatasource`)."""
 from __future__ import annotations
 
 import functools
 import posixpath
-from typing import Any, Iterator
+from typing import Any
 
-import pyarrow as pa
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -14,7 +13,7 @@ from ray.data.datasource import Datasource, ReadTask
 from psa_ray.io.checked_rows import read_part
 from psa_ray.io.manifest import ManifestPart
 from psa_ray.io.storage import list_files
-from psa_ray.pipeline.writers import read_table
+from psa_ray.pipeline.ray_compat import TableFilesDatasource
 
 # CPUs of a read or row-filter task: a whole one would wait behind the fractional actors of a
 # small cluster (and starve the writes).
@@ -37,28 +36,6 @@ class ManifestDatasource(Datasource):
         return [ReadTask(functools.partial(read_part, part, self.class_names, self.base),
                          BlockMetadata(num_rows=None, size_bytes=None, input_files=[part.uri], exec_stats=None))
                 for part in self.parts]
-
-
-def _read_table_file(uri: str, columns: list[str] | None) -> Iterator[pa.Table]:
-    yield read_table(uri, columns, present_only=True)
-
-
-class TableFilesDatasource(Datasource):
-    """Parquet files (local or s3://) read whole, one read task per file. Not `read_parquet`:
-    Ray 2.60 plans it with a listing task that asks for a whole CPU, which no argument changes and
-    which never runs beside the fractional actors of a 1-CPU node."""
-
-    def __init__(self, files: list[str], columns: list[str] | None = None):
-        self.files, self.columns = files, columns
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(_read_table_file, uri, self.columns),
-                         BlockMetadata(num_rows=None, size_bytes=None, input_files=[uri], exec_stats=None))
-                for uri in self.files]
 
 
 def parquet_dataset(prefix: str, columns: list[str] | None = None, *,

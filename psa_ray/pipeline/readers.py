@@ -1,7 +1,8 @@
 """Ray Data readers: corpus rows -> decoded images, with bad rows kept (and flagged) rather than lost."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import ray
@@ -12,6 +13,7 @@ from psa_ray.io.seeds import decode_seed
 from psa_ray.io.rows import Corpus
 from psa_ray.io.storage import ObjectTooLargeError, is_transient, join, list_files, read_bytes
 from psa_ray.io.redact import redact
+from psa_ray.pipeline.ray_compat import repartition
 from psa_ray.pipeline.writers import digest, error_table, write_table
 
 # Larger files are rejected unread (a video or an archive in the manifest must not OOM a worker).
@@ -125,11 +127,7 @@ def decoded_dataset(rows: ray.data.Dataset, *, num_cpus: float = 1.0,
                     max_side: int | None = PipelineConfig.max_side) -> ray.data.Dataset:
     """Pipeline rows in blocks of ROWS_PER_BLOCK, then `decode_rows` in CPU tasks (S3 endpoint
     from AWS_ENDPOINT_URL)."""
-    blocks = rows.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-    # Ray 2.60's repartition takes no resource argument and asks for a whole CPU, which on a
-    # 2-core (or 1-core) node beside the fractional actors leaves nothing for the writes until it
-    # has streamed its whole input; with the CPUs of the step before it, it fuses into that step.
-    blocks._logical_plan.dag.ray_remote_args["num_cpus"] = num_cpus
+    blocks = repartition(rows, ROWS_PER_BLOCK, num_cpus)  # with num_cpus: fused with the step before
     return blocks.map_batches(decode_rows, batch_size=8, num_cpus=num_cpus, fn_kwargs={"max_side": max_side})
 
 
