@@ -28,7 +28,8 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
 
@@ -77,7 +78,7 @@ def run_step(steps: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
         return None
     try:
         result = fn()
-    except Exception as e:  # noqa: BLE001 - a failed step is a result
+    except Exception as e:  # a failed step is a result
         steps[name] = f"fail: {type(e).__name__}: {str(e)[-500:]}"
         return None
     steps[name] = "pass"

@@ -25,10 +25,10 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
 
-import torch  # noqa: E402
+import torch
 
-from bench.machine import describe_machine  # noqa: E402
-from psa_ray.config import PRESETS, to_dict  # noqa: E402
+from bench.machine import describe_machine
+from psa_ray.config import PRESETS, to_dict
 
 STAGES = ("train_cam", "seeds", "train_affinity", "labels", "train_deeplab")
 TRAINING = {"train_cam", "train_affinity", "train_deeplab"}

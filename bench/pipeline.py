@@ -40,24 +40,25 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
 
-import torch  # noqa: E402
+import torch
 
-from bench.machine import describe_machine  # noqa: E402
-from psa_ray.config import PRESETS, Preset, to_dict  # noqa: E402
-from psa_ray.data.synthetic import SyntheticConfig, write_corpus  # noqa: E402
-from psa_ray.io.images import decode_image  # noqa: E402
-from psa_ray.io.inputs import read_corpus  # noqa: E402
-from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
-from psa_ray.ops.pseudo_labels import refine_label, tagged_cams, walk_scores  # noqa: E402
-from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
-from psa_ray.pipeline.writers import read_tables, shard_columns  # noqa: E402
-from psa_ray.models.inference import (  # noqa: E402
+from bench.machine import describe_machine
+from psa_ray.config import PRESETS, Preset, to_dict
+from psa_ray.data.synthetic import SyntheticConfig, write_corpus
+from psa_ray.io.images import decode_image
+from psa_ray.io.inputs import read_corpus
+from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
+from psa_ray.ops.pseudo_labels import refine_label, tagged_cams, walk_scores
+from psa_ray.pipeline.readers import corpus_rows
+from psa_ray.pipeline.writers import read_tables, shard_columns
+from psa_ray.models.inference import (
     autocast_dtype, export_network, load_trained, model_input, network_meta)
-from psa_ray.models.networks import build_network  # noqa: E402
+from psa_ray.models.networks import build_network
 
 DEFAULT_IMAGES, QUICK_IMAGES = 128, 4
 DEFAULT_CPUS, QUICK_CPUS = (1, 2), (2,)
@@ -308,7 +309,9 @@ def run_benchmark(images: int, backbone: str, cpus: tuple[int, ...],
         kinds = ["ray"] if torch.cuda.is_available() else ["ray", "ray-two-pools"]
         for k, kind in [(k, kind) for k in cpus for kind in kinds]:
             result = {"cpus": k, **run_in_subprocess(spec_path, kind, k, join(folder, f"{kind}_{k}cpu"))}
-            for name, baseline in zip(("ray_over_sequential", "ray_over_sequential_1_thread"), sequential):
+            # as many ratios as sequential runs: one with --quick or on one thread, else two
+            for name, baseline in zip(("ray_over_sequential", "ray_over_sequential_1_thread"), sequential,
+                                      strict=False):
                 if "images_per_s" in result and baseline.get("images_per_s"):
                     result[name] = result["images_per_s"] / baseline["images_per_s"]
             print(f"ray, {k} CPU, {result.get('layout')}: {result.get('images_per_s', result.get('failed'))}",

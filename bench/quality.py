@@ -27,22 +27,22 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ray  # noqa: E402
+import ray
 
-from bench.machine import describe_machine  # noqa: E402
-from psa_ray.config import to_dict  # noqa: E402
-from psa_ray.data import CORPORA, split_ids, write_corpus  # noqa: E402
-from psa_ray.io.classes import write_classes  # noqa: E402
-from psa_ray.io.manifest_writer import write_manifest  # noqa: E402
-from psa_ray.io.rows import CorpusRow  # noqa: E402
-from psa_ray.io.inputs import read_corpus  # noqa: E402
-from psa_ray.io.storage import join, list_files, read_bytes, write_bytes  # noqa: E402
-from psa_ray.pipeline.labeling import LabelJob, resolve_preset, run  # noqa: E402
-from psa_ray.pipeline.readers import corpus_rows, rows_dataset, with_masks  # noqa: E402
-from psa_ray.pipeline.predict import predict  # noqa: E402
-from psa_ray.pipeline.scoring import evaluation, score_folders  # noqa: E402
-from psa_ray.pipeline.stages import label_stage, train_stage  # noqa: E402
-from psa_ray.train.tasks import Init  # noqa: E402
+from bench.machine import describe_machine
+from psa_ray.config import to_dict
+from psa_ray.data import CORPORA, split_ids, write_corpus
+from psa_ray.io.classes import write_classes
+from psa_ray.io.manifest_writer import write_manifest
+from psa_ray.io.rows import CorpusRow
+from psa_ray.io.inputs import read_corpus
+from psa_ray.io.storage import join, list_files, read_bytes, write_bytes
+from psa_ray.pipeline.labeling import LabelJob, resolve_preset, run
+from psa_ray.pipeline.readers import corpus_rows, rows_dataset, with_masks
+from psa_ray.pipeline.predict import predict
+from psa_ray.pipeline.scoring import evaluation, score_folders
+from psa_ray.pipeline.stages import label_stage, train_stage
+from psa_ray.train.tasks import Init
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json")
 REPORT_PICTURES = 2   # report pictures of the pseudo labels copied beside the results

@@ -35,12 +35,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from bench.machine import PeakRss, describe_machine  # noqa: E402
-from psa_ray.ops.affinity import feature_affinities, pair_offsets, pair_slices  # noqa: E402
-from psa_ray.ops.random_walk import radius_for_pairs, random_walk  # noqa: E402
+from bench.machine import PeakRss, describe_machine
+from psa_ray.ops.affinity import feature_affinities, pair_offsets, pair_slices
+from psa_ray.ops.random_walk import radius_for_pairs, random_walk
 
 RADIUS, BETA, STEPS, CLASSES, FEATURE_DIM = 5, 8.0, 256, 21, 32
 BOTH_GRIDS, PSA_RAY_ONLY_GRIDS, REPEATS = (32, 48, 56, 64, 96, 128), (160, 192, 256), 3

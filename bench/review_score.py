@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.machine import describe_machine  # noqa: E402
-from psa_ray.io.palette import decode_label_png  # noqa: E402
-from psa_ray.io.storage import join, read_bytes  # noqa: E402
-from psa_ray.ops.metrics import confusion_matrix, mean_iou  # noqa: E402
-from psa_ray.pipeline.writers import read_tables  # noqa: E402
+from bench.machine import describe_machine
+from psa_ray.io.palette import decode_label_png
+from psa_ray.io.storage import join, read_bytes
+from psa_ray.ops.metrics import confusion_matrix, mean_iou
+from psa_ray.pipeline.writers import read_tables
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -30,11 +30,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench.*
 
-from bench.machine import describe_machine  # noqa: E402
-from bench.pipeline import bench_preset, prepare  # noqa: E402
-from psa_ray.io.inputs import read_corpus  # noqa: E402
-from psa_ray.io.rows import Corpus, CorpusRow  # noqa: E402
-from psa_ray.pipeline.readers import corpus_rows  # noqa: E402
+from bench.machine import describe_machine
+from bench.pipeline import bench_preset, prepare
+from psa_ray.io.inputs import read_corpus
+from psa_ray.io.rows import Corpus, CorpusRow
+from psa_ray.pipeline.readers import corpus_rows
 
 DEFAULT_IMAGES, DEFAULT_WINDOW, DEFAULT_DISTINCT = 50_000, 5_000, 1_000
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "soak.json"
@@ -114,7 +114,7 @@ def run_soak(images: int, window: int, distinct: int, cpus: int, backbone: str) 
             try:
                 label_stage(rows_dataset(rows), bench_preset(backbone), spec["cam_weights"], spec["affinity_weights"],
                             len(spec["class_names"]), output, run_id="soak", has_gpu=has_gpu, evaluate=False)
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            except BaseException as e:  # reported by the main thread
                 failure.append(e)
 
         started = time.perf_counter()

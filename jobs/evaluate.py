@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from checkout import parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from checkout import parser  # first: puts the checkout's psa_ray on sys.path
 from psa_ray.errors import run_job
 from psa_ray.io.classes import resolve_classes
 from psa_ray.io.lease import current_holder, holder_text

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from checkout import add_network_options, add_ray_options, parser  # noqa: I001 - first: the checkout on sys.path
+from checkout import add_network_options, add_ray_options, parser  # first: the checkout on sys.path
 from psa_ray.data import CORPORA
 from psa_ray.errors import run_job
 from psa_ray.io.redact import redact

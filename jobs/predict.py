@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from checkout import add_ray_options, parser  # noqa: I001 - first: puts the checkout's psa_ray on sys.path
+from checkout import add_ray_options, parser  # first: puts the checkout's psa_ray on sys.path
 from psa_ray.config import PRESETS
 from psa_ray.errors import run_job
 from psa_ray.pipeline.cluster import connect

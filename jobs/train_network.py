@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from checkout import add_network_options, add_ray_options, parser  # noqa: I001 - first: the checkout on sys.path
+from checkout import add_network_options, add_ray_options, parser  # first: the checkout on sys.path
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.cluster import connect
 from psa_ray.pipeline.training import TrainJob, train_network

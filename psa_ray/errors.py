@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from psa_ray.io.redact import redact
 
@@ -64,7 +64,7 @@ def run_job(main: Callable[[], int]) -> int:
     and gives 1."""
     try:
         return main()
-    except Exception as e:  # noqa: BLE001 - every error ends as a message and a status
+    except Exception as e:  # every error ends as a message and a status
         cause = user_error(e)
         if cause is not None:
             print(f"error: {redact(str(cause))}", file=sys.stderr)

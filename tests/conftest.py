@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from ray_nodes import LocalRayCluster

@@ -168,7 +168,7 @@ def test_three_sigkills_of_the_whole_job_then_reruns_leave_every_row_once(tmp_pa
     print(f"reference run {duration:.0f} s {took}; kills (stage aimed at, s into it, s into the run, the "
           f"stage on disk): {killed}")
 
-    for attempt in range(3):  # rerun until done
+    for _attempt in range(3):  # rerun until done
         rerun = subprocess.run(_label_job(out), env=env, capture_output=True, text=True, timeout=600)
         if rerun.returncode == 0:
             break

@@ -11,7 +11,8 @@ import os
 import re
 import shlex
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jsonschema
 import pytest
@@ -58,7 +59,7 @@ def _strict(node: Any) -> Any:
     return {"anyOf": [out, {"type": "null"}]} if node.get("nullable") else out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(kind: str) -> jsonschema.protocols.Validator:
     path = os.path.join(CRD_DIR, CRD_FILES[kind])
     if not os.path.isfile(path):
@@ -415,7 +416,7 @@ def test_cluster_launcher_config():
 
 # --- every documented command parses with the job's options -------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _label_job_parser():
     path = os.path.join(REPO, "jobs", "label_dataset.py")
     if os.path.dirname(path) not in sys.path:  # as `python jobs/label_dataset.py` has it (jobs/checkout.py)

@@ -211,7 +211,7 @@ def test_local_leases_taken_and_released_in_a_loop_never_have_two_holders(tmp_pa
                 with lock:
                     holders[0] -= 1
                 lease.release()
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:  # reported below
             errors.append(e)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:

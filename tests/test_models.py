@@ -55,7 +55,7 @@ def test_backbone_returns_three_stride_8_features(name, height, width):
         features = backbone(image(2, 3, height, width))
     assert backbone.name == name
     assert len(backbone.out_channels) == 3 and len(features) == 3
-    for feature, channels in zip(features, backbone.out_channels):
+    for feature, channels in zip(features, backbone.out_channels, strict=True):
         assert feature.shape == (2, channels, math.ceil(height / 8), math.ceil(width / 8))
 
 
@@ -168,7 +168,7 @@ def test_backbone_is_shared_by_name_across_networks():
     affinity.backbone.load_state_dict(cam.backbone.state_dict())
     x = image(1, 3, 32, 32)
     with torch.no_grad():
-        for a, b in zip(cam.backbone(x), affinity.backbone(x)):
+        for a, b in zip(cam.backbone(x), affinity.backbone(x), strict=True):
             assert torch.equal(a, b)
 
 
@@ -198,7 +198,7 @@ def test_round_trip_through_a_file(tmp_path, kind, wrap):
     x = image(2, 3, 48, 40)
     assert not torch.equal(_outputs(source, x)[0], _outputs(target, x)[0])
     report = load_weights(target, str(path))
-    for a, b in zip(_outputs(source, x), _outputs(target, x)):
+    for a, b in zip(_outputs(source, x), _outputs(target, x), strict=True):
         assert torch.equal(a, b)
     assert sorted(report.loaded) == sorted(state) and not report.missing and not report.unexpected
 
@@ -262,7 +262,7 @@ def test_psa_resnet38_checkpoints_load_by_name(resnet38d_pair, key_map):
     assert report.key_map == "psa_resnet38" and not report.ignored
     assert all(k.endswith("num_batches_tracked") for k in report.missing)
     x = image(1, 3, 32, 40)
-    for a, b in zip(_outputs(source_cam, x), _outputs(target_cam, x)):
+    for a, b in zip(_outputs(source_cam, x), _outputs(target_cam, x), strict=True):
         assert torch.equal(a, b)
     load_state(target_affinity, {**aff_state, "fc8.weight": cls_state["fc8.weight"]}, key_map=key_map)
     assert torch.equal(source_affinity(x), target_affinity(x))
@@ -287,7 +287,7 @@ def test_torchvision_resnet50_state_dict_loads_strict_into_timms_resnet50():
     x = image(1, 3, 48, 64)
     with torch.no_grad():
         expected, ours = extractor(x), cam.backbone(x)
-    for name, feature in zip(["layer2", "layer3", "layer4"], ours):
+    for name, feature in zip(["layer2", "layer3", "layer4"], ours, strict=True):
         assert torch.equal(feature, expected[name])
 
 

@@ -105,7 +105,8 @@ def test_safetensors_weights_load_like_a_state_dict(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     target = CamNet("tf_efficientnet_lite0", 3)
     assert not load_weights(target, str(path)).missing
-    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True))
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(WeightsError, match="not a safetensors file"):
         read_state(str(tmp_path / "broken.safetensors"))

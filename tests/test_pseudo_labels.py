@@ -95,7 +95,7 @@ def test_a_batch_of_mixed_sizes_gives_each_image_what_it_gets_alone():
     cam_config, walk_config = CamConfig(scales=(0.5, 1.0)), WalkConfig(t=64, min_side=48)
     batched = tagged_cams(cam_net, images, tags, cam_config)
     walked = walk_scores(affinity_net, images, [cams for _, cams in batched], walk_config)
-    for image, image_tags, (class_ids, cams), scores in zip(images, tags, batched, walked):
+    for image, image_tags, (class_ids, cams), scores in zip(images, tags, batched, walked, strict=True):
         [(keys_alone, cams_alone)] = tagged_cams(cam_net, [image], [image_tags], cam_config)
         np.testing.assert_array_equal(class_ids, keys_alone)
         torch.testing.assert_close(cams, cams_alone, rtol=1e-4, atol=1e-5)

@@ -102,7 +102,7 @@ def test_disconnected_regions_do_not_mix() -> None:
     """Zero affinity across a vertical cut: each side averages only its own scores."""
     height, width, cut = 6, 8, 3
     affinities = torch.ones(1, 12, height, width, dtype=torch.float64)
-    for k, (dy, dx) in enumerate(pair_offsets(3)):
+    for k, (_dy, dx) in enumerate(pair_offsets(3)):
         for x in range(width):
             if (x < cut) != (x + dx < cut):
                 affinities[0, k, :, x] = 0.0
@@ -143,7 +143,7 @@ def test_images_of_different_sizes_walk_together_as_they_walk_alone() -> None:
         cams.append(m[0])
     for t in (3, 256):
         walked = random_walk_many(affinities, cams, 8.0, t)
-        for a, m, w in zip(affinities, cams, walked):
+        for a, m, w in zip(affinities, cams, walked, strict=True):
             assert w.shape == m.shape
             torch.testing.assert_close(w[None], dense_walk(a[None], m[None], 8.0, t), rtol=1e-5, atol=1e-9)
             torch.testing.assert_close(w[None], random_walk(a[None], m[None], 8.0, t), rtol=1e-9, atol=1e-12)

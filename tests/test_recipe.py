@@ -168,7 +168,7 @@ def test_affinity_augment_builds_labels_after_the_crop_with_padding():
     torch.manual_seed(0)
     images, labels = TrainAugment(config).batch([rgb] * 6, [scores] * 6)
     assert labels.shape == (6, 3, 3)
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         real = (image != 0).any(0).float()        # padding is exactly 0 after normalisation
         assert real.sum() == 8 * 12
         touched = F.max_pool2d(real[None, None], 8)[0, 0] > 0

@@ -44,6 +44,14 @@ def _find_block(picture: np.ndarray, block: np.ndarray, left: int) -> int | None
     return None
 
 
+def _panel(picture: np.ndarray, top: int, size: tuple[int, int], factor: int, i: int) -> np.ndarray:
+    """Panel i of a report picture whose panels start at row `top`, enlarged `factor` times from
+    an image of `size` (height, width): one pixel per original pixel."""
+    height, width = size
+    left = PAD + i * (width * factor + PAD)
+    return picture[top:top + height * factor:factor, left:left + width * factor:factor]
+
+
 # --------------------------------------------------------------------------- visualize
 
 def test_overlay_blends_palette_colour_on_labelled_pixels_only():
@@ -128,20 +136,16 @@ def test_write_report_draws_labeled_samples_and_an_index(ray_cluster, tmp_path, 
         factor = max(1, DISPLAY_SIDE // max(height, width))
         top = _find_block(picture, np.repeat(np.repeat(rgb, factor, 0), factor, 1), PAD)
         assert top is not None, "the image panel comes first, enlarged by whole pixels"
-
-        def panel(i: int) -> np.ndarray:
-            left = PAD + i * (width * factor + PAD)
-            return picture[top:top + height * factor:factor, left:left + width * factor:factor]
-
-        assert np.array_equal(panel(3), colorize(labels[row["image_id"]])), "final label from labels/"
-        assert np.array_equal(panel(4), colorize(gt)), "ground truth panel"
+        panels = [_panel(picture, top, (height, width), factor, i) for i in range(5)]
+        assert np.array_equal(panels[3], colorize(labels[row["image_id"]])), "final label from labels/"
+        assert np.array_equal(panels[4], colorize(gt)), "ground truth panel"
         # CAM and walk panels colour pixels with the tagged classes only (untagged never appear).
         tagged = np.flatnonzero(row["tags"]) + 1
         allowed = [rgb] + [overlay(rgb, np.full(gt.shape, k, np.uint8)) for k in tagged]
         for i in (1, 2):
             matches = np.zeros(gt.shape, bool)
             for candidate in allowed:
-                matches |= np.all(panel(i) == candidate, axis=-1)
+                matches |= np.all(panels[i] == candidate, axis=-1)
             assert matches.all()
     for page, picture in ((written[-2], "({}.png)"), (written[-1], "src='{}.png'")):
         index = read_bytes(page).decode()
@@ -264,7 +268,7 @@ def test_segment_probabilities_of_a_batch_match_each_image_alone():
     torch.manual_seed(0)
     net = build_network("deeplab", "tiny", C).eval()
     images = [torch.randn(3, 40, 56), torch.randn(3, 48, 40), torch.randn(3, 40, 56)]
-    for image, probs in zip(images, segment_probabilities(net, images)):
+    for image, probs in zip(images, segment_probabilities(net, images), strict=True):
         assert probs.shape == (C + 1, *image.shape[1:])
         torch.testing.assert_close(probs, segment_probabilities(net, [image])[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(probs.sum(dim=0), torch.ones(image.shape[1:]))

@@ -157,7 +157,7 @@ def test_reads_survive_throttling_and_dropped_connections(s3_bucket, proxy, slee
     assert read_bytes(join(s3_bucket, "img.jpg"), endpoint_url=proxy.url) == payload
     assert fault.times == 0 and proxy.injected() == 4, "every fault was hit, then the read went through"
     assert sleeps, "our backoff stepped in where the SDK's attempts ran out"
-    assert all(later >= earlier / 2 for earlier, later in zip(sleeps, sleeps[1:])), "delays grow"
+    assert all(later >= earlier / 2 for earlier, later in zip(sleeps, sleeps[1:], strict=False)), "delays grow"
 
 
 def test_writes_listings_and_existence_checks_are_retried(s3_bucket, s3_server, proxy, sleeps):

@@ -32,7 +32,7 @@ def test_same_seed_same_bytes_other_seed_other_images():
         assert a.tags == b.tags
     first = [make_sample(i, config).image for i in range(4)]
     other = [make_sample(i, replace(config, seed=12)).image for i in range(4)]
-    assert all(x.shape != y.shape or not np.array_equal(x, y) for x, y in zip(first, other))
+    assert all(x.shape != y.shape or not np.array_equal(x, y) for x, y in zip(first, other, strict=True))
 
 
 def test_sizes_vary_within_bounds(corpus):

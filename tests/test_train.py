@@ -66,7 +66,7 @@ def test_augment_keeps_image_and_mask_aligned():
     mask[:, :15] = 1                                   # left half class 1
     images, masks = TrainAugment(config).batch([rgb] * 4, [mask] * 4)
     assert images.shape == (4, 3, 96, 96) and masks.shape == (4, 96, 96)
-    for image, m in zip(images, masks):
+    for image, m in zip(images, masks, strict=True):
         bright = image.mean(0) > 1.0                   # normalised white
         assert (m == 255).any() and set(m.unique().tolist()) <= {0, 1, 255}
         assert torch.equal(bright[m != 255], (m == 1)[m != 255])

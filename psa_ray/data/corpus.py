@@ -4,7 +4,8 @@ the corpus of any config whose `kind` is a `CorpusKind`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 

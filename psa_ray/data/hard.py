@@ -261,7 +261,7 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, canvas: np
     acceptable = all(
         (owner == i).sum() >= max(config.min_visible_fraction * area, config.min_object_visible * drawn)
         and (owner[textured] == i).sum() >= config.min_texture_visible * textured.sum()
-        for i, (textured, drawn) in enumerate(zip(textured_parts, drawn_areas)))
+        for i, (textured, drawn) in enumerate(zip(textured_parts, drawn_areas, strict=True)))
     return colours, mask, acceptable
 
 

@@ -179,7 +179,7 @@ def _layout(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, canvas: np
     acceptable = all(
         (owner == i).sum() >= max(config.min_visible_fraction * area, config.min_object_visible * drawn)
         and (owner[head] == i).sum() >= config.min_head_visible * head.sum()
-        for i, (head, drawn) in enumerate(zip(heads, drawn_areas)))
+        for i, (head, drawn) in enumerate(zip(heads, drawn_areas, strict=True)))
     return colours, mask, acceptable
 
 

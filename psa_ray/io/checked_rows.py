@@ -5,7 +5,8 @@ as stage 0 stages them. Rows that `rows.plain_rows` passes are built from Arrow 
 same table either way."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,7 @@ def checked_table(records: list[dict[str, Any]], class_names: list[str], known: 
         else:
             tag_names, key, stage, error, message = "", bytes(16), checked.stage, checked.error, checked.message
         for name, value in zip(CHECKED_SCHEMA.names, (checked.image_id, checked.image, tag_names, record["row"],
-                                                      record["where"], key, stage, error, message)):
+                                                      record["where"], key, stage, error, message), strict=True):
             columns[name].append(value)
     return pa.Table.from_pydict(columns, schema=CHECKED_SCHEMA)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from psa_ray.io.rows import ManifestError
 from psa_ray.io.storage import FILE_SCHEME, S3_SCHEME, exists, join, parent, read_bytes, write_bytes

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import posixpath
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from psa_ray.io.manifest import MANIFEST_FORMATS, format_of, manifest_base, manifest_parts, part_records, read_manifest
 from psa_ray.io.rows import Corpus, ManifestError, RowError, all_rejected_message, validate_records

@@ -36,7 +36,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from psa_ray.errors import UserError
 from psa_ray.io.redact import redact
@@ -250,7 +251,7 @@ class Renewer:
             if self.lease.renew():
                 return True
             self.lost = "another job took it over"
-        except Exception as e:  # noqa: BLE001 - storage trouble: retried until the lease expires
+        except Exception as e:  # storage trouble: retried until the lease expires
             if self.lease.clock() < self.lease.expires_at - self.lease.ttl_s / 6:
                 return True
             self.lost = f"it could not be renewed before it expired ({redact(str(e))})"

@@ -8,7 +8,8 @@ import os
 import threading
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from psa_ray.io.storage import S3_SCHEME, filesystem, join, s3_bucket_and_key, s3_endpoint
 

@@ -14,7 +14,8 @@ import csv
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -243,7 +244,7 @@ def parquet_batches(part: ManifestPart, batch_rows: int = 4096,
 def parquet_records(part: ManifestPart, table: pa.Table, file_rows: np.ndarray) -> list[dict[str, Any]]:
     """Records (as part_records gives them) of a Parquet part's rows at file_rows (0-based)."""
     records: list[dict[str, Any]] = table.to_pylist()
-    for record, row in zip(records, file_rows.tolist()):
+    for record, row in zip(records, file_rows.tolist(), strict=True):
         record.update(row=part.base_row + row, where=f"{part.label}row {row + 1}")
     return records
 

@@ -23,7 +23,8 @@ import posixpath
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

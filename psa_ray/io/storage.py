@@ -19,7 +19,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 

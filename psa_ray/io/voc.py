@@ -50,7 +50,7 @@ def read_voc(root: str, split: str, classes: list[str] | str | None,
            if line.strip()]
     fetch = sorted({i for i in ids if id_problem(i) is None})
     with ThreadPoolExecutor(max_workers=16) as pool:
-        tags = dict(zip(fetch, pool.map(lambda i: _voc_tags(root, i, endpoint_url), fetch)))
+        tags = dict(zip(fetch, pool.map(lambda i: _voc_tags(root, i, endpoint_url), fetch), strict=True))
     records = []
     for number, image_id in enumerate(ids, 1):
         record = {"image_id": image_id, "image": f"JPEGImages/{image_id}.jpg",

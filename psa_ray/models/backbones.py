@@ -12,7 +12,8 @@ networks' `freeze_pretrained`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +228,7 @@ class TimmBackbone(nn.Module):
             object.__setattr__(self, "timm_model", model)  # not a submodule: its children are ours
             with torch.no_grad():
                 shapes = [tuple(f.shape[-2:]) for f in self.eval()(torch.zeros(1, 3, 64, 64))]
-        except Exception as e:  # noqa: BLE001 - timm raises many types for an unsupported option
+        except Exception as e:  # timm raises many types for an unsupported option
             raise BackboneError(f"timm cannot run {name!r} at output stride {STRIDE} "
                                 f"({type(e).__name__}: {str(e).strip()[:200]}); pick a convolutional model "
                                 "(resnet50, tf_efficientnet_lite0, convnext_tiny, regnety_016, ...)") from None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +114,8 @@ def load_trained(weights_uri: str, device: torch.device | str = "cpu") -> nn.Mod
     head = meta.get("train", {}).get("segmentation_head", "aspp")  # older exports: ASPP
     model = build_network(meta["kind"], meta["backbone"], meta["num_classes"], head)
     load_weights(model, weights_uri)
-    setattr(model, "normalization", meta_normalization(meta))  # read by `input_normalization`
+    # read by `input_normalization`; setattr: nn.Module.__setattr__ types values Tensor | Module for mypy
+    setattr(model, "normalization", meta_normalization(meta))  # noqa: B010
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
@@ -151,7 +153,7 @@ def _cuda_init_error() -> str:
     """Why CUDA does not initialise, as torch says it."""
     try:
         torch.zeros(1, device="cuda")
-    except Exception as e:  # noqa: BLE001 - the reason is the message
+    except Exception as e:  # the reason is the message
         return f"{type(e).__name__}: {e}"
     return "torch.cuda.is_available() is false"
 

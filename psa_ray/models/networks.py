@@ -9,7 +9,8 @@ All outputs are at the backbone's stride 8: `h, w = ceil(H/8), ceil(W/8)` for an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, cast
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ def default_feature_dims(out_channels: tuple[int, int, int]) -> tuple[int, int, 
     """The reference's reductions (512 -> 64, 1024 -> 128, 4096 -> 256, i.e. /8, /8, /16) scaled to
     a backbone's channels, at least 32 each: resnet38d (64, 128, 256), resnet50 (64, 128, 128),
     tiny (32, 32, 32)."""
-    return cast("tuple[int, int, int]", tuple(max(32, c // r) for c, r in zip(out_channels, (8, 8, 16))))
+    return cast("tuple[int, int, int]", tuple(max(32, c // r) for c, r in zip(out_channels, (8, 8, 16), strict=True)))
 
 
 class AffinityNet(_WithBackbone):
@@ -115,7 +116,7 @@ class AffinityNet(_WithBackbone):
         out_channels = _out_channels(self.backbone)
         dims = tuple(feature_dims or default_feature_dims(out_channels))
         self.out_dim = out_dim or sum(dims)
-        reduce = [nn.Conv2d(c, d, 1, bias=False) for c, d in zip(out_channels, dims)]
+        reduce = [nn.Conv2d(c, d, 1, bias=False) for c, d in zip(out_channels, dims, strict=True)]
         self.reduce = nn.ModuleList(reduce)
         self.fuse = nn.Conv2d(sum(dims), self.out_dim, 1, bias=False)
         for conv in reduce:
@@ -124,7 +125,7 @@ class AffinityNet(_WithBackbone):
 
     def forward(self, x: Tensor) -> Tensor:
         """Affinity features [B,out_dim,h,w]."""
-        reduced = [F.elu(conv(f)) for conv, f in zip(self.reduce, self.backbone(x))]
+        reduced = [F.elu(conv(f)) for conv, f in zip(self.reduce, self.backbone(x), strict=True)]
         return F.elu(self.fuse(torch.cat(reduced, dim=1)))
 
 

@@ -164,7 +164,7 @@ def read_state(uri: str) -> dict[str, torch.Tensor]:
             checkpoint: Any = load_safetensors(data)
         else:
             checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights checkpoint"
+    except Exception as e:  # any unpickling failure means "not a weights checkpoint"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         kind = "safetensors file" if safetensors else "weights-only PyTorch checkpoint"
         raise WeightsError(f"{uri}: not a {kind} ({type(e).__name__}: {first_line[:300]})") from e
@@ -259,7 +259,7 @@ def _efficientnet_names(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
     if len(names) != len(state):
         raise WeightsError(f"{len(state)} efficientnet_pytorch tensors do not pair with the {len(names)} "
                            f"of timm's {architecture}")
-    renames = dict(zip(state, names))
+    renames = dict(zip(state, names, strict=True))
     odd = [f"{k} -> {v}" for k, v in renames.items() if k.rsplit(".", 1)[-1] != v.rsplit(".", 1)[-1]]
     if odd:
         raise WeightsError(f"efficientnet_pytorch tensors do not pair with timm's {architecture}: {_first(odd)}")

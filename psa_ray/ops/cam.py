@@ -1,7 +1,8 @@
 """Class activation maps: multi-scale + flip inference, per-class normalisation, background map."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def class_activation_maps(model: nn.Module, images: Tensor, scales: Sequence[flo
         raise ValueError("at least one scale is needed")
     batch, _, height, width = images.shape
     base_height, base_width = upscaled_size(height, width, min_side)
-    cams_of: Callable[[Tensor], Tensor] = getattr(model, "cams")  # nn.Module types attributes Tensor | Module
+    cams_of = cast(Callable[[Tensor], Tensor], model.cams)  # nn.Module types attributes Tensor | Module
     maps = []
     with torch.no_grad():
         for scale in scales:

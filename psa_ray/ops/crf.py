@@ -7,8 +7,10 @@ from pydensecrf.utils import unary_from_softmax
 
 from psa_ray.config import CrfConfig
 
+DEFAULT_CRF = CrfConfig()
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, config: CrfConfig = CrfConfig()) -> np.ndarray:
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, config: CrfConfig = DEFAULT_CRF) -> np.ndarray:
     """image [H,W,3] uint8 RGB, probs [C,H,W] (per-class scores in [0, 1]) -> marginals [C,H,W] float32.
 
     Unary -log(probs) (clipped at 1e-5 so it stays finite), a Gaussian smoothness kernel and a

@@ -1,7 +1,8 @@
 """Running a network on a list of differently sized images: grouping, precision, DeepLab's output."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F

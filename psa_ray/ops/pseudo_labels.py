@@ -9,7 +9,7 @@ background first, then `class_ids`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -123,7 +123,7 @@ def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: S
     and the walk are computed in float32.
     """
     padded, scores = [], []
-    for image, image_cams in zip(images, cams):
+    for image, image_cams in zip(images, cams, strict=True):
         height, width = image.shape[-2:]
         size = upscaled_size(height, width, config.min_side)
         if size != tuple(image.shape[-2:]):
@@ -142,7 +142,7 @@ def walk_scores(affinity_net: nn.Module, images: Sequence[torch.Tensor], cams: S
 
     with torch.inference_mode():
         affinities = map_same_shape(group_affinities, padded)
-        scores = [s[:, : a.shape[-2], : a.shape[-1]] for s, a in zip(scores, affinities)]
+        scores = [s[:, : a.shape[-2], : a.shape[-1]] for s, a in zip(scores, affinities, strict=True)]
         return random_walk_many(affinities, scores, config.beta, config.t)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,7 @@ def block_diagonal(matrices: Sequence[Tensor]) -> Tensor:
     index_dtype = torch.int32 if sum(sizes) * 2 < 2**31 and sum(entries) < 2**31 else torch.int64
     row_starts = [matrices[0].crow_indices()[:1].to(index_dtype)]
     columns = []
-    for matrix, row_offset, entry_offset in zip(matrices, _offsets(sizes), _offsets(entries)):
+    for matrix, row_offset, entry_offset in zip(matrices, _offsets(sizes), _offsets(entries), strict=True):
         row_starts.append(matrix.crow_indices()[1:].to(index_dtype) + entry_offset)
         columns.append(matrix.col_indices().to(index_dtype) + row_offset)
     values = torch.cat([m.values() for m in matrices])
@@ -167,7 +167,7 @@ def random_walk_many(affinities: Sequence[Tensor], cams: Sequence[Tensor], beta:
     if len(affinities) != len(cams) or not cams:
         raise ValueError(f"need one affinity map per CAM stack and at least one image, got "
                          f"{len(affinities)} and {len(cams)}")
-    for a, m in zip(affinities, cams):
+    for a, m in zip(affinities, cams, strict=True):
         if a.dim() != 3 or m.dim() != 3:
             raise ValueError(f"each image's affinities must be [K,h,w] and cams [C,h,w] (a batch: "
                              f"[B,K,h,w] and [B,C,h,w]), got shapes {tuple(a.shape)} and {tuple(m.shape)}")

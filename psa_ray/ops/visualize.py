@@ -6,7 +6,7 @@ coloured with the VOC palette (`psa_ray.io.palette.colorize`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -77,7 +77,7 @@ def panel_grid(panels: Sequence[np.ndarray], titles: Sequence[str],
     grid_height = legend_top + len(rows) * (line + PAD)
     canvas = Image.new("RGB", (grid_width, grid_height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for i, (panel, title) in enumerate(zip(panels, titles)):
+    for i, (panel, title) in enumerate(zip(panels, titles, strict=True)):
         left = PAD + i * (width + PAD)
         draw.text((left, PAD), _fit(title, font, width), fill=TEXT, font=font)
         canvas.paste(Image.fromarray(np.ascontiguousarray(panel)), (left, panels_top))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import replace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[s
         try:
             for key, value in fn(i).items():
                 out[key][i] = value
-        except Exception as e:  # noqa: BLE001 - a bad row must not fail the dataset
+        except Exception as e:  # a bad row must not fail the dataset
             if fatal_device_error(e):
                 raise
             oom = out_of_memory(e)
@@ -79,8 +80,8 @@ def per_batch(batch: dict[str, np.ndarray], stage: str, fn: Callable[[list[int]]
     rows = [i for i, error in enumerate(batch["error"]) if not error]
     failure, oom = "", False
     try:
-        done = dict(zip(rows, fn(rows))) if rows else {}
-    except Exception as e:  # noqa: BLE001 - find the bad rows one by one
+        done = dict(zip(rows, fn(rows), strict=True)) if rows else {}
+    except Exception as e:  # find the bad rows one by one
         if fatal_device_error(e):
             raise
         failure = f"{type(e).__name__}: {redact(str(e))[:200]}"
@@ -98,7 +99,7 @@ def _alone(fn: Callable[[list[int]], list[dict[str, Any]]], i: int,
     """fn([i])[0]; after an out-of-memory error, `smaller(i)` (outside the except block, the cache freed)."""
     try:
         return fn([i])[0]
-    except Exception as e:  # noqa: BLE001 - out of memory: retried smaller below
+    except Exception as e:  # out of memory: retried smaller below
         if smaller is None or not out_of_memory(e):
             raise
     free_device_memory()
@@ -133,7 +134,7 @@ class NetworkActor:
             if not self.affinity_reads_cam_input:
                 images = [model_input(batch["rgb"][i], self.affinity_net) for i in rows]
             walked = walk_scores(self.affinity_net, images, [cams for _, cams in tagged], self.walk, self.autocast)
-            for row, scores in zip(out, walked):
+            for row, scores in zip(out, walked, strict=True):
                 row["walked"] = scores.cpu().numpy()
         return out
 
@@ -220,7 +221,7 @@ class RefineActor:
         try:
             gt = ground_truth(gt_uri)
             matrices, note, why = ground_truth_scores(gt, label.shape, variants, self.num_classes + 1)
-        except Exception as e:  # noqa: BLE001 - a ground-truth problem never costs the label
+        except Exception as e:  # a ground-truth problem never costs the label
             matrices, note, why = {}, "unreadable", f"{type(e).__name__}: {e}"
         if note:
             return {"gt_note": note, "gt_message": redact(f"{gt_uri or 'no gt file'}: {why}")[:300]}

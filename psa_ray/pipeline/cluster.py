@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import ray
 
-from psa_ray.pipeline.progress import quiet_ray, ray_logging
+from psa_ray.pipeline.progress import quiet_ray, ray_logging, worker_env
 
 
 class ClusterShape(NamedTuple):
@@ -23,7 +23,7 @@ def connect(endpoint_url: str | None = None, verbose: bool = False) -> None:
     own logs and progress only when `verbose` (`progress.quiet_ray`)."""
     if endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ}
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL",) if k in os.environ} | worker_env(verbose)
     ray.init(runtime_env={"env_vars": env} if env else None, logging_config=ray_logging(verbose))
     quiet_ray(verbose)
 

@@ -13,7 +13,8 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -116,7 +117,7 @@ def report_rows(records: list[dict[str, Any]], class_names: list[str], gt: str |
     """Shard records (image_id, image, tag_names, ...) as pipeline rows for the report, their other
     fields kept."""
     corpus = Corpus([CorpusRow(r["image_id"], r["image"], r["tag_names"]) for r in records], class_names)
-    return [{**r, **row} for r, row in zip(records, corpus_rows(corpus, gt))]
+    return [{**r, **row} for r, row in zip(records, corpus_rows(corpus, gt), strict=True)]
 
 
 def report_samples(output: str, class_names: list[str], gt: str | None, count: int) -> list[dict[str, Any]]:

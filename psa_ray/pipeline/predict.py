@@ -12,7 +12,8 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -62,7 +63,7 @@ class SegmentActor:
                                                    for i in rows],
                                       self.autocast)
         return [self._label(p, int(batch["orig_height"][i]), int(batch["orig_width"][i]))
-                for p, i in zip(probs, rows)]
+                for p, i in zip(probs, rows, strict=True)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         columns = {**shard_defaults(self.model.num_classes), "tag_names": ""}

@@ -8,11 +8,13 @@ Ray Data's progress bars.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 
@@ -24,11 +26,21 @@ def ray_logging(verbose: bool) -> ray.LoggingConfig:
     return ray.LoggingConfig(encoding="TEXT", log_level="INFO" if verbose else "WARNING")
 
 
+def worker_env(verbose: bool) -> dict[str, str]:
+    """Environment of the job's workers: Ray Data's INFO lines (which Ray forwards to the driver's
+    output) only when verbose."""
+    return {} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING"}
+
+
 def quiet_ray(verbose: bool) -> None:
-    """Ray Data's progress (bars on a terminal, a block of log lines every few seconds
-    elsewhere) only when verbose or on a terminal; set before the job's datasets are made (they
-    take this setting with them to Ray Train's workers)."""
+    """In the driver: Ray Data's progress (bars on a terminal, a block of log lines every few
+    seconds elsewhere) only when verbose or on a terminal, set before the job's datasets are made
+    (they take it with them to Ray Train's workers); and its INFO lines only in its log file
+    (`ray-data.log` of the session), not on the console."""
     ray.data.DataContext.get_current().enable_progress_bars = verbose or sys.stdout.isatty()
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; the session's log file stays
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 @ray.remote(num_cpus=0)
@@ -71,7 +83,7 @@ class StageProgress:
         while not self._stop.wait(self.every_s):
             try:
                 done = ray.get(self.counter.done.remote(), timeout=self.every_s)
-            except Exception:  # noqa: BLE001 - progress is best effort; the stage reports its own errors
+            except Exception:  # progress is best effort; the stage reports its own errors
                 continue
             if done != last:
                 print(progress_line(self.stage, done, self.total, time.perf_counter() - started), flush=True)

@@ -1,8 +1,8 @@
 """Ray Data readers: corpus rows -> decoded images, with bad rows kept (and flagged) rather than lost."""
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -107,7 +107,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, max_side: int | None = Pipeline
                 str(batch["image"][i]), str(batch["mask_uri"][i]) if has_mask else None, max_side)
             if row_mask is not None:
                 mask = row_mask
-        except Exception as e:  # noqa: BLE001 - a bad row must not fail the dataset
+        except Exception as e:  # a bad row must not fail the dataset
             errors[i], message = _row_error(e)
             messages[i] = redact(message)[:500]
         rgbs.append(rgb)

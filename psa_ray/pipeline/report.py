@@ -17,7 +17,8 @@ import csv
 import html
 import io
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -174,7 +175,7 @@ def draw_pictures(rows: Sequence[dict[str, Any]], output: str, preset: Preset, c
             picture = sample_panels(image.rgb, np.asarray(row["tags"]), resize_label(final, height, width),
                                     None if gt is None else resize_label(gt, height, width), cam_net, affinity_net,
                                     preset, class_names)
-        except Exception as e:  # noqa: BLE001 - one bad sample must not lose the others
+        except Exception as e:  # one bad sample must not lose the others
             failed[image_id] = redact(f"{type(e).__name__}: {e}")[:300]
             continue
         write_bytes(join(folder, f"{image_id}.png"), encode_png(picture))

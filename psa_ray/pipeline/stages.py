@@ -10,7 +10,8 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 from ray.data.exceptions import ExecutionTimeoutError

@@ -8,9 +8,11 @@ row exactly once: a row is done when its id is in `shards/` or `errors/`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -71,7 +73,7 @@ def table_rows(prefix: str, name_prefix: str = "") -> int:
     for uri in list_files(prefix, suffix=".parquet"):
         if uri.rsplit("/", 1)[-1].startswith(name_prefix):
             fs, path = filesystem(uri)
-            with with_retries(lambda: fs.open_input_file(path)) as f:
+            with with_retries(functools.partial(fs.open_input_file, path)) as f:
                 total += pq.ParquetFile(f).metadata.num_rows
     return total
 
@@ -146,7 +148,7 @@ def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str,
     A map step before a committing sink: the files of a block land as it is done, while the
     sink commits thousands of rows at a time. A file written again on a rerun gets the same name.
     """
-    for image_id, data, error in zip(batch["image_id"], batch[column], batch["error"]):
+    for image_id, data, error in zip(batch["image_id"], batch[column], batch["error"], strict=True):
         if not error:
             write_bytes(join(folder, f"{image_id}.png"), bytes(data))
     if counter is not None:

@@ -8,7 +8,7 @@ into AffinityNet's labels on the stride-8 grid after the crop (`ops.affinity.cel
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -1,7 +1,8 @@
 """Evaluation of trained networks on held-out rows."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -63,4 +64,4 @@ def classifier_ap(weights_uri: str, dataset: ray.data.Dataset, class_names: list
     ap = average_precision(np.concatenate(scores), np.concatenate(targets))
     return {"images": int(sum(len(s) for s in scores)),
             "map": None if np.all(np.isnan(ap)) else round(float(np.nanmean(ap)), 4),
-            "ap": {name: None if np.isnan(v) else round(float(v), 4) for name, v in zip(class_names, ap)}}
+            "ap": {name: None if np.isnan(v) else round(float(v), 4) for name, v in zip(class_names, ap, strict=True)}}

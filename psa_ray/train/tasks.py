@@ -3,7 +3,7 @@ themselves: `models.networks.NETWORKS`). The loop is shared."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
