@@ -45,7 +45,8 @@ def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
 def smooth_field(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """grid [gh,gw,c] -> [height,width,c], bilinearly upsampled."""
     rows, cols = _interpolation_matrix(height, grid.shape[0]), _interpolation_matrix(width, grid.shape[1])
-    return (rows @ grid.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0)
+    field: np.ndarray = (rows @ grid.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0)
+    return field
 
 
 def mottle(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
@@ -81,7 +82,8 @@ def head_mask(rng: np.random.Generator, blob: Blob, fraction: float) -> np.ndarr
     side = rng.choice([-1.0, 1.0])
     tip = (side * blob.u[blob.inside]).max() * side
     distance = np.hypot(blob.u - tip, blob.v)
-    return blob.inside & (distance <= np.quantile(distance[blob.inside], fraction))
+    head: np.ndarray = blob.inside & (distance <= np.quantile(distance[blob.inside], fraction))
+    return head
 
 
 def blur(image: np.ndarray) -> np.ndarray:
@@ -89,4 +91,5 @@ def blur(image: np.ndarray) -> np.ndarray:
     padded = np.pad(image, ((1, 1), (0, 0), (0, 0)), mode="edge")
     image = (padded[:-2] + 2 * padded[1:-1] + padded[2:]) / 4
     padded = np.pad(image, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    return (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
+    blurred: np.ndarray = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
+    return blurred

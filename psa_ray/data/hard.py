@@ -119,7 +119,8 @@ def _stripes(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -
 def _cell_jitter(rng: np.random.Generator, cu: np.ndarray, cv: np.ndarray, spread: float) -> np.ndarray:
     """[H,W,2] a random offset in [-spread, spread] per grid cell (cu, cv) [H,W] int, from a 16x16 table."""
     table = rng.uniform(-spread, spread, (16, 16, 2))
-    return table[cu % 16, cv % 16]
+    offsets: np.ndarray = table[cu % 16, cv % 16]
+    return offsets
 
 
 def _spots(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
@@ -127,7 +128,8 @@ def _spots(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> 
     cu, cv = np.floor(u / p).astype(int), np.floor(v / p).astype(int)
     offset = _cell_jitter(rng, cu, cv, 0.12 * p)
     du, dv = u - (cu + 0.5) * p - offset[..., 0], v - (cv + 0.5) * p - offset[..., 1]
-    return np.hypot(du, dv) < 0.33 * p
+    spots: np.ndarray = np.hypot(du, dv) < 0.33 * p
+    return spots
 
 
 def _net(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
@@ -140,25 +142,29 @@ def _net(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> np
             seed = table[(cu + du) % 16, (cv + dv) % 16]
             distances.append(np.hypot(u - (cu + du) * p - seed[..., 0], v - (cv + dv) * p - seed[..., 1]))
     nearest = np.sort(np.stack(distances), axis=0)
-    return nearest[1] - nearest[0] > 0.18 * p
+    edges: np.ndarray = nearest[1] - nearest[0] > 0.18 * p
+    return edges
 
 
 def _checks(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
     """[H,W] bool: a checkerboard of p/2 squares in the object frame."""
     shift = rng.uniform(0, p, 2)
-    return (np.floor((u + shift[0]) / (p / 2)) + np.floor((v + shift[1]) / (p / 2))) % 2 == 0
+    squares: np.ndarray = (np.floor((u + shift[0]) / (p / 2)) + np.floor((v + shift[1]) / (p / 2))) % 2 == 0
+    return squares
 
 
 def _rings(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
     """[H,W] bool: rings p apart, concentric with the object."""
-    return np.sin(2 * np.pi * np.hypot(u, v) / p + rng.uniform(0, 2 * np.pi)) > 0.0
+    rings: np.ndarray = np.sin(2 * np.pi * np.hypot(u, v) / p + rng.uniform(0, 2 * np.pi)) > 0.0
+    return rings
 
 
 def _scales(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
     """[H,W] bool: snake scales, diamonds p wide (diagonally to the long axis) outlined by thin lines."""
     shift = rng.uniform(0, 1, 2)
     d1, d2 = (u + v) / (p * np.sqrt(2)) + shift[0], (u - v) / (p * np.sqrt(2)) + shift[1]
-    return (np.abs(d1 % 1.0 - 0.5) > 0.36) | (np.abs(d2 % 1.0 - 0.5) > 0.36)
+    lines: np.ndarray = (np.abs(d1 % 1.0 - 0.5) > 0.36) | (np.abs(d2 % 1.0 - 0.5) > 0.36)
+    return lines
 
 
 _TEXTURES = {"stripes": _stripes, "spots": _spots, "net": _net, "checks": _checks, "rings": _rings,
@@ -173,7 +179,7 @@ def _natural(rng: np.random.Generator) -> np.ndarray:
 def _background(rng: np.random.Generator, height: int, width: int, config: HardConfig) -> np.ndarray:
     """[H,W,3] float: a natural colour field with multi-octave noise and soft-edged grainy regions."""
     grid = np.array([[_natural(rng) for _ in range(4)] for _ in range(4)])
-    canvas = smooth_field(grid, height, width)
+    canvas: np.ndarray = smooth_field(grid, height, width)
     octaves = np.sum([amplitude * mottle(rng, height, width, cell)
                       for amplitude, cell in ((0.4, 48.0), (0.3, 24.0), (0.2, 12.0), (0.15, 6.0))], axis=0)
     canvas = canvas * (1.0 + octaves)[..., None]

@@ -123,7 +123,8 @@ def _coat_colours(rng: np.random.Generator, coat: _Coat, blob: Blob) -> np.ndarr
     colours = np.where(marks[..., None], jitter(rng, coat.mark), jitter(rng, coat.base))
     light_angle = rng.uniform(0, 2 * np.pi)
     light = 1.0 + 0.12 * (u * np.cos(light_angle) + v * np.sin(light_angle)) / blob.half_length
-    return colours * light[..., None]
+    lit: np.ndarray = colours * light[..., None]
+    return lit
 
 
 def _background(rng: np.random.Generator, height: int, width: int, config: SyntheticConfig) -> np.ndarray:

@@ -33,8 +33,9 @@ def _batch_norms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-class _WithBackbone(nn.Module):
-    """A backbone plus new layers: every parameter outside `backbone` is a new layer's."""
+class Network(nn.Module):
+    """A backbone plus new layers: every parameter outside `backbone` is a new layer's (the
+    networks `build_network` makes)."""
 
     def __init__(self, backbone: nn.Module | str):
         super().__init__()
@@ -59,7 +60,7 @@ class _WithBackbone(nn.Module):
             self.backbone.get_submodule(name).requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> _WithBackbone:
+    def train(self, mode: bool = True) -> Network:
         super().train(mode)
         if self.frozen_pretrained:
             for norm in _batch_norms(self):
@@ -67,7 +68,7 @@ class _WithBackbone(nn.Module):
         return self
 
 
-class CamNet(_WithBackbone):
+class CamNet(Network):
     """The classification network whose class activation maps seed the method.
 
     The classifier is a bias-free 1x1 conv on the last feature (the reference's `fc8`, Xavier
@@ -101,7 +102,7 @@ def default_feature_dims(out_channels: tuple[int, int, int]) -> tuple[int, int, 
     return cast("tuple[int, int, int]", tuple(max(32, c // r) for c, r in zip(out_channels, (8, 8, 16), strict=True)))
 
 
-class AffinityNet(_WithBackbone):
+class AffinityNet(Network):
     """Features whose L1 distances give the semantic affinities between nearby pixels.
 
     Bias-free 1x1 convs reduce the last three backbone features to `feature_dims` (the
@@ -130,7 +131,7 @@ class AffinityNet(_WithBackbone):
 
 
 
-class DeepLabLargeFOV(_WithBackbone):
+class DeepLabLargeFOV(Network):
     """DeepLab-CRF-LargeFOV's head (DeepLab v1, Chen et al., ICLR 2015), the network psa trained
     on its pseudo labels (psa#7), on the last backbone feature: fc6 a 3x3 conv of dilation 12 to
     1024 channels, ReLU, dropout 0.5; fc7 a 1x1 conv to 1024, ReLU, dropout 0.5; fc8 a 1x1 conv to
@@ -161,7 +162,7 @@ class DeepLabLargeFOV(_WithBackbone):
         return logits
 
 
-class DeepLab(_WithBackbone):
+class DeepLab(Network):
     """DeepLab-v2's segmentation head on the last backbone feature: ASPP, four 3x3 convs with
     dilation rates 6, 12, 18 and 24 whose outputs are summed (weights N(0, 0.01), biases 0).
 
@@ -203,7 +204,7 @@ class NetworkSpec:
     title: str
     mask_folder: str | None
     outputs: Callable[[int], int | None]
-    build: Callable[[nn.Module | str, int | None, str], nn.Module]  # (backbone, outputs, head)
+    build: Callable[[nn.Module | str, int | None, str], Network]  # (backbone, outputs, head)
 
 
 def _counted(num_classes: int | None, kind: str) -> int:
@@ -212,7 +213,7 @@ def _counted(num_classes: int | None, kind: str) -> int:
     return num_classes
 
 
-def _affinity(backbone: nn.Module | str, num_classes: int | None, head: str) -> nn.Module:
+def _affinity(backbone: nn.Module | str, num_classes: int | None, head: str) -> Network:
     if num_classes is not None:
         raise ValueError(f"AffinityNet has no classes; got num_classes={num_classes}")
     return AffinityNet(backbone)
@@ -234,7 +235,7 @@ def network_spec(kind: str) -> NetworkSpec:
     return NETWORKS[kind]
 
 
-def build_model(kind: str, backbone: str, num_classes: int | None, head: str = "aspp") -> nn.Module:
+def build_model(kind: str, backbone: str, num_classes: int | None, head: str = "aspp") -> Network:
     """A freshly initialised network with `num_classes` outputs: "cam" (foreground classes),
     "affinity" (num_classes must be None) or "deeplab" (background included; `head` one of
     SEGMENTATION_HEADS, "aspp" for checkpoints exported before the choice existed)."""
@@ -244,6 +245,6 @@ def build_model(kind: str, backbone: str, num_classes: int | None, head: str = "
     return spec.build(backbone, num_classes, head)
 
 
-def build_network(kind: str, backbone: str, num_foreground: int, head: str = "aspp") -> nn.Module:
+def build_network(kind: str, backbone: str, num_foreground: int, head: str = "aspp") -> Network:
     """A freshly initialised network for a corpus of `num_foreground` classes."""
     return build_model(kind, backbone, network_spec(kind).outputs(num_foreground), head)

@@ -40,7 +40,7 @@ def per_row(batch: dict[str, np.ndarray], stage: str, fn: Callable[[int], dict[s
     """
     guard = stage_guard(stage) if guard is None else guard
     n = len(batch["image_id"])
-    out: dict[str, list] = {k: [default] * n for k, default in columns.items()}
+    out: dict[str, list[Any]] = {k: [default] * n for k, default in columns.items()}
     stages, errors, messages = list(batch["stage"]), list(batch["error"]), list(batch["message"])
     for i in range(n):
         if errors[i]:

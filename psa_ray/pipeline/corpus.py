@@ -38,6 +38,7 @@ from psa_ray.io.rows import CorpusRow, ManifestError, RowError, absolute_base, a
 from psa_ray.io.storage import exists, join, list_files, read_bytes, remove_tree, write_bytes
 from psa_ray.io.voc import voc_root
 from psa_ray.pipeline.datasources import READ_CPUS, ManifestDatasource, parquet_dataset
+from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.staging import CorpusSink, stage_voc
 from psa_ray.pipeline.writers import error_table, read_table, table_rows, write_table
 
@@ -97,7 +98,9 @@ def committed_keys(tables: str, errors: str | None = None) -> Any:
     there are none. Read with Ray Data; the driver holds 16 bytes a committed row."""
     keys = []
     for prefix, columns in ((tables, ["image_id"]), (errors, ["image_id", "stage"])):
-        ds = parquet_dataset(prefix, columns=columns) if prefix else None
+        if not prefix:
+            continue
+        ds = parquet_dataset(prefix, columns=columns)
         if ds is None:
             continue
         if "stage" in columns:
@@ -151,8 +154,7 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
     if exists(marker):
         index = CorpusIndex(**json.loads(read_bytes(marker)))
         if train_images and index.sample.get("train_images") != train_images:
-            prefixes = collect_prefixes(parquet_dataset(rows_uri, ["key"], name_prefix="part-"),
-                                        table_rows(rows_uri, name_prefix="part-"))
+            prefixes = collect_prefixes(_parts(rows_uri, ["key"]), table_rows(rows_uri, name_prefix="part-"))
             index = replace(index, sample=training_sample(unique_sorted(prefixes), train_images))
             write_bytes(marker, json.dumps(asdict(index), indent=2).encode())
         return index
@@ -175,7 +177,7 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
         raise ManifestError(message)
 
     count = table_rows(rows_uri, name_prefix="part-")
-    prefixes = collect_prefixes(parquet_dataset(rows_uri, ["key"], name_prefix="part-"), count)
+    prefixes = collect_prefixes(_parts(rows_uri, ["key"]), count)
     dup_errors, losers = _duplicates(rows, prefixes)
     if dup_errors:  # no second copy of a corpus without duplicates
         prefixes = unique_sorted(prefixes)
@@ -196,12 +198,21 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
     return index
 
 
+def _parts(rows_uri: str, columns: list[str] | None = None) -> ray.data.Dataset:
+    """The `part-` files of a prepared corpus as a Dataset: there are some (`prepare_corpus` keeps
+    no corpus without a usable row)."""
+    parts = parquet_dataset(rows_uri, columns, name_prefix="part-")
+    if parts is None:
+        raise RuntimeError(f"{rows_uri} holds no part- files")
+    return parts
+
+
 def _all_rejected(input_uri: str, rows_uri: str) -> str:
     """The ManifestError message for a manifest none of whose rows is usable."""
     files = [f for f in list_files(rows_uri, suffix=".parquet") if posixpath.basename(f).startswith("rejected-")]
     if not files:
         return f"no rows in {input_uri}"
-    codes: Counter = Counter()
+    codes: Counter[str] = Counter()
     for uri in files:
         counts = read_table(uri, columns=["error"]).column("error").value_counts()
         codes.update({c["values"]: c["counts"] for c in counts.to_pylist()})
@@ -252,16 +263,16 @@ def corpus_dataset(index: CorpusIndex, *, sample: bool = False, exclude: Any = N
     if index.duplicates_uri:
         losers = ray.put(read_table(index.duplicates_uri, columns=["row"]).column("row").to_numpy())
     threshold = bytes.fromhex(index.sample["threshold"]) if sample and index.sample.get("threshold") else None
-    rows = parquet_dataset(index.rows_uri, name_prefix="part-")
-    rows = rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
+    rows = _parts(index.rows_uri)
+    rows = rows.map_batches(batch_fn(_select), batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
         losers=losers, threshold=threshold, exclude=exclude, include=include, held_out=held_out,
         only_held_out=only_held_out))
-    return rows.map_batches(_pipeline_rows, batch_format="pyarrow", num_cpus=READ_CPUS,
+    return rows.map_batches(batch_fn(_pipeline_rows), batch_format="pyarrow", num_cpus=READ_CPUS,
                             fn_kwargs=dict(class_names=index.class_names, gt=gt))
 
 
 def select(rows: ray.data.Dataset, *, include: Any = None, exclude: Any = None) -> ray.data.Dataset:
     """Pipeline rows (with `key`) whose id is (include) or is not (exclude) among committed keys."""
-    return rows.map_batches(_select, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
+    return rows.map_batches(batch_fn(_select), batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(
         losers=None, threshold=None, exclude=exclude, include=include))
 

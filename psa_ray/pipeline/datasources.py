@@ -34,7 +34,7 @@ class ManifestDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         return [ReadTask(functools.partial(read_part, part, self.class_names, self.base),
-                         BlockMetadata(num_rows=None, size_bytes=None, input_files=[part.uri], exec_stats=None))
+                         BlockMetadata(num_rows=None, size_bytes=None, input_files=(part.uri,), exec_stats=None))
                 for part in self.parts]
 
 
@@ -47,5 +47,6 @@ def parquet_dataset(prefix: str, columns: list[str] | None = None, *,
              if posixpath.basename(f).startswith(name_prefix)]
     if not files:
         return None
-    return ray.data.read_datasource(TableFilesDatasource(files, columns), num_cpus=READ_CPUS,
-                                    override_num_blocks=len(files))
+    dataset: ray.data.Dataset = ray.data.read_datasource(TableFilesDatasource(files, columns), num_cpus=READ_CPUS,
+                                                         override_num_blocks=len(files))
+    return dataset

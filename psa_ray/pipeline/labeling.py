@@ -36,6 +36,7 @@ from psa_ray.pipeline.corpus import CorpusIndex, committed_keys, corpus_dataset,
 from psa_ray.pipeline.datasources import READ_CPUS
 from psa_ray.pipeline.quality import label_statistics, review_rows, seed_statistics
 from psa_ray.pipeline.quality_rules import quality_warnings
+from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
@@ -145,8 +146,9 @@ def run(job: LabelJob) -> dict[str, Any]:
 
 def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
     started, timings = time.perf_counter(), {}
-    job = replace(job, **{k: absolute(getattr(job, k)) for k in (
-        "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")})
+    paths: dict[str, Any] = {k: absolute(getattr(job, k)) for k in (
+        "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")}
+    job = replace(job, **paths)
     if not 0.0 <= job.held_out < 0.5:
         raise UserError(f"--held-out must be in [0, 0.5), got {job.held_out}")
     if job.corpus is not None and (job.input is not None or job.corpus not in CORPORA):
@@ -200,7 +202,7 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
               images=(index.sample["size"] if index.sample else index.num_rows) - _count(seeded))
         rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
         affinity_w = timed("train_affinity", train_stage, "affinity",
-                           rows.map_batches(with_mask_uri, num_cpus=READ_CPUS,
+                           rows.map_batches(batch_fn(with_mask_uri), num_cpus=READ_CPUS,
                                             fn_kwargs={"folder": join(job.output, "seeds")}),
                            preset, names, job.output, None if preset.affinity_backbone else Init(cam_w),
                            cpus_per_worker)[0]
@@ -217,7 +219,7 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
     if job.train_segmentation:
         labeled = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, "shards")))
         deeplab_w = timed("train_deeplab", train_stage, "deeplab",
-                          labeled.map_batches(with_mask_uri, num_cpus=READ_CPUS,
+                          labeled.map_batches(batch_fn(with_mask_uri), num_cpus=READ_CPUS,
                                               fn_kwargs={"folder": join(job.output, "labels")}),
                           preset, names, job.output, Init(cam_w), cpus_per_worker)[0]
 
@@ -254,7 +256,8 @@ def held_out_ap(index: CorpusIndex, fraction: float, preset: Preset, cam_weights
     kept beside its weights (`held_out.json`) so that a rerun does not score them again."""
     saved = join(posixpath.dirname(cam_weights), "held_out.json")
     if exists(saved):
-        return json.loads(read_bytes(saved))
+        kept: dict[str, Any] = json.loads(read_bytes(saved))
+        return kept
     rows = corpus_dataset(index, sample=True, held_out=fraction, only_held_out=True)
     decoded = decoded_dataset(rows, num_cpus=preset.pipeline.decode_cpus,
                               max_side=preset.pipeline.max_side).map_batches(keep_decoded)

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -29,6 +29,7 @@ from psa_ray.io.storage import absolute, exists, join, write_bytes
 from psa_ray.ops.forward import segment_probabilities
 from psa_ray.pipeline.actors import per_batch
 from psa_ray.pipeline.cluster import cluster_shape
+from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
 from psa_ray.pipeline.writers import (
     LabelSink, committed_ids, drop_retried_errors, error_table, shard_columns, shard_defaults, write_row_files,
@@ -52,8 +53,8 @@ class SegmentActor:
         """Class probabilities [K,h,w] of an image (maybe shrunk for processing) -> its label at
         the full `height` x `width`, with the shard's columns."""
         confidence, label = probs.max(dim=0)
-        label = resize_label(label.to(torch.uint8).cpu().numpy(), height, width)
-        columns = shard_columns(label, float(confidence.mean()), probs.shape[0])
+        full = resize_label(label.to(torch.uint8).cpu().numpy(), height, width)
+        columns = shard_columns(full, float(confidence.mean()), probs.shape[0])
         present = [self.class_names[k - 1] for k in np.flatnonzero(columns["class_fractions"][1:]) + 1]
         return {**columns, "tag_names": "|".join(present)}
 
@@ -66,7 +67,8 @@ class SegmentActor:
                 for p, i in zip(probs, rows, strict=True)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        columns = {**shard_defaults(self.model.num_classes), "tag_names": ""}
+        num_classes = cast(int, self.model.num_classes)  # a DeepLab's (nn.Module types attributes Tensor | Module)
+        columns = {**shard_defaults(num_classes), "tag_names": ""}
         out = per_batch(batch, "predict", lambda rows: self._rows(batch, rows), columns)
         return {k: out[k] for k in ["image_id", "image", "stage", "error", "message", *columns]}
 
@@ -92,7 +94,7 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
                                                                max_size=pipeline.gpu_pool[1]),
                             num_gpus=pipeline.gpu_actor_gpus if has_gpu else 0,
                             num_cpus=pipeline.gpu_actor_cpus)
-        ds = ds.map_batches(write_row_files, num_cpus=pipeline.write_cpus,
+        ds = ds.map_batches(batch_fn(write_row_files), num_cpus=pipeline.write_cpus,
                             fn_kwargs={"folder": join(output, "labels"), "column": "label_png"})
         ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False,
                                     rows_per_file=pipeline.shard_rows),

@@ -14,9 +14,12 @@ import threading
 import time
 from contextlib import contextmanager
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
+
+if TYPE_CHECKING:
+    from ray.actor import ActorClass
 
 PROGRESS_S = 10.0
 
@@ -90,7 +93,8 @@ class StageProgress:
                 last = done
 
     def __enter__(self) -> StageProgress:
-        self.counter = RowCounter.remote()
+        # ray.remote made RowCounter an ActorClass; mypy does not apply class decorators
+        self.counter = cast("ActorClass[RowCounter]", RowCounter).remote()
         self._thread.start()
         return self
 

@@ -11,6 +11,7 @@ import numpy as np
 from psa_ray.io.storage import join
 from psa_ray.pipeline.datasources import READ_CPUS, parquet_dataset
 from psa_ray.pipeline.quality_rules import QUALITY_COLUMN, block_sums, lowest, summarize_labels, summarize_seeds
+from psa_ray.pipeline.ray_types import arrow_batches, batch_fn
 from psa_ray.pipeline.writers import SEED_INDEX
 
 
@@ -21,7 +22,7 @@ def _summed(prefix: str, column: str, class_names: list[str]) -> dict[str, Any] 
     if ds is None:
         return None
     total: dict[str, Any] = {}
-    sums = ds.map_batches(block_sums, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+    sums = ds.map_batches(batch_fn(block_sums), batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
                           fn_kwargs={"column": column, "class_names": class_names})
     for row in sums.iter_rows():
         for name, value in row.items():
@@ -51,9 +52,9 @@ def review_rows(output: str, count: int) -> list[dict[str, Any]]:
     if ds is None or count <= 0:
         return []
     kept: list[dict[str, Any]] = []
-    cut = ds.map_batches(lowest, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+    cut = ds.map_batches(batch_fn(lowest), batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
                          fn_kwargs={"count": count})
-    for batch in cut.iter_batches(batch_size=4096, batch_format="pyarrow"):
+    for batch in arrow_batches(cut, batch_size=4096):
         kept = sorted(kept + batch.to_pylist(), key=lambda r: (r[QUALITY_COLUMN], r["image_id"]))[:count]
     return [{"image_id": r["image_id"], "image": r["image"], "tag_names": list(r["tags"]),
              "quality": float(r[QUALITY_COLUMN])} for r in kept]

@@ -28,7 +28,8 @@ def repartition(rows: ray.data.Dataset, rows_per_block: int, num_cpus: float) ->
     streamed its whole input; with the CPUs of the step before it, it fuses into that step. The
     request is set on the plan's private node (no public API)."""
     blocks = rows.repartition(target_num_rows_per_block=rows_per_block)
-    blocks._logical_plan.dag.ray_remote_args["num_cpus"] = num_cpus
+    node: Any = blocks._logical_plan.dag  # a StreamingRepartition, whose ray_remote_args Ray sets untyped
+    node.ray_remote_args["num_cpus"] = num_cpus
     return blocks
 
 
@@ -50,5 +51,5 @@ class TableFilesDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         return [ReadTask(functools.partial(_read_table_file, uri, self.columns),
-                         BlockMetadata(num_rows=None, size_bytes=None, input_files=[uri], exec_stats=None))
+                         BlockMetadata(num_rows=None, size_bytes=None, input_files=(uri,), exec_stats=None))
                 for uri in self.files]

@@ -23,6 +23,7 @@ from psa_ray.models.inference import MODEL_FILE
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
 from psa_ray.pipeline.datasources import READ_CPUS
+from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.readers import decoded_dataset, keep_decoded
 from psa_ray.pipeline.writers import SEED_ERRORS, SEED_INDEX, IndexSink, LabelSink, write_row_files
 from psa_ray.train.loop import fit
@@ -155,7 +156,8 @@ def _timed_out(error: BaseException | None) -> bool:
 
 def is_empty(rows: ray.data.Dataset) -> bool:
     """Whether a stage has nothing to do (reads only until the first row)."""
-    return rows.limit(1).count() == 0
+    first: int = rows.limit(1).count()
+    return first == 0
 
 
 def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage, cpu_stage: ActorStage,
@@ -167,7 +169,7 @@ def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage
     p = gpu_pipeline(preset.pipeline, cpus) if has_gpu else cpu_only_pipeline(preset.pipeline, cpus)
     ds = decoded_dataset(ds, num_cpus=p.decode_cpus, max_side=p.max_side)
     ds = actor_stages(ds, network_stage, cpu_stage, p, has_gpu)
-    return ds.map_batches(write_row_files, num_cpus=p.write_cpus,
+    return ds.map_batches(batch_fn(write_row_files), num_cpus=p.write_cpus,
                           fn_kwargs={"folder": folder, "column": column, "counter": counter})
 
 

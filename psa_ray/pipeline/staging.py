@@ -4,9 +4,12 @@
 (ERROR_SCHEMA); names from the rows, so a retried write replaces its own files."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 from ray.data import Datasink
-from ray.data.block import BlockAccessor
+from ray.data.block import Block, BlockAccessor
 
 from psa_ray.io.checked_rows import ROWS_SCHEMA, checked_table
 from psa_ray.io.inputs import read_corpus
@@ -14,18 +17,21 @@ from psa_ray.io.rows import ERROR_SCHEMA
 from psa_ray.io.storage import join
 from psa_ray.pipeline.writers import error_table, write_table
 
+if TYPE_CHECKING:
+    from ray.data._internal.execution.interfaces import TaskContext
+
 
 def _name(first_row: int) -> str:
     return f"{first_row:016x}.parquet"
 
 
-class CorpusSink(Datasink):
+class CorpusSink(Datasink[dict[str, int]]):
     """Checked rows (CHECKED_SCHEMA blocks) to `part-` and `rejected-` files in a folder."""
 
     def __init__(self, folder_uri: str):
         self.folder = folder_uri
 
-    def write(self, blocks, ctx) -> dict[str, int]:
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, int]:
         counts = {"rows": 0, "errors": 0}
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()

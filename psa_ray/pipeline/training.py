@@ -49,8 +49,9 @@ def train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     """Train the `kind` network of `job` (connected to Ray); returns its weights URI, image
     counts, last-epoch metrics and, for the CAM network, the held-out mAP. The job holds the
     output's lease (`io.lease`) while it runs: another job writing there is refused."""
-    job = replace(job, **{k: absolute(getattr(job, k)) for k in (  # workers run elsewhere
-        "output", "input", "masks", "init", "backbone_weights")})
+    paths: dict[str, Any] = {k: absolute(getattr(job, k)) for k in (  # workers run elsewhere
+        "output", "input", "masks", "init", "backbone_weights")}
+    job = replace(job, **paths)
     with hold(job.output, uuid.uuid4().hex[:12], f"train_{kind}"):
         return _train_network(kind, job)
 
@@ -63,7 +64,7 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
         raise UserError(f"--val-fraction must be in [0, 1), got {job.val_fraction}")
     input_uri = job.input
     if input_uri is None:  # the labeling job's corpus (same defaults), never written over another one
-        size = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
+        size: dict[str, Any] = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
         input_uri = builtin_corpus(join(job.output, "corpus"), "birds", SyntheticConfig(**size))
     corpus, _ = read_corpus(input_uri, classes=job.classes)
     rows = corpus_rows(corpus, None)
@@ -72,10 +73,11 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     val_rows = [r for r in rows if r["image_id"] in val_ids]
 
     preset = PRESETS[default_preset(job.preset, demo=job.input is None)]
-    overrides = {k: v for k, v in {"backbone": job.backbone, "backbone_weights": job.backbone_weights,
+    overrides: dict[str, Any] = {k: v for k, v in {"backbone": job.backbone, "backbone_weights": job.backbone_weights,
                                    "epochs": job.epochs, "num_workers": job.workers}.items() if v}
     config = replace(preset.train_config(kind), use_gpu=job.use_gpu, **overrides)
-    preset = replace(preset, **{f"{kind}_train": config})
+    trained: dict[str, Any] = {f"{kind}_train": config}
+    preset = replace(preset, **trained)
     init = None
     if spec.mask_folder:
         train_rows = with_masks(train_rows, job.masks or join(job.output, spec.mask_folder))

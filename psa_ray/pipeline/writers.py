@@ -12,18 +12,21 @@ import functools
 import hashlib
 import io
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
-from ray.data.block import BlockAccessor
+from ray.data.block import Block, BlockAccessor
 
 from psa_ray.io.rows import ERROR_SCHEMA
 from psa_ray.io.palette import IGNORE, encode_label_png
 from psa_ray.io.storage import filesystem, join, list_files, read_bytes, remove_tree, with_retries, write_bytes
+
+if TYPE_CHECKING:
+    from ray.data._internal.execution.interfaces import TaskContext
 
 SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet
 # the rows stage B failed on (ERROR_SCHEMA): not in errors/, which holds the rows that could not be
@@ -156,7 +159,15 @@ def write_row_files(batch: dict[str, np.ndarray], *, folder: str, column: str,
     return batch
 
 
-class IndexSink(Datasink):
+def block_rows(blocks: Iterable[Block]) -> list[dict[str, Any]]:
+    """The rows of a sink's blocks, as dicts."""
+    rows: list[dict[str, Any]] = []
+    for block in blocks:
+        rows.extend(BlockAccessor.for_block(block).iter_rows(public_row_format=False))
+    return rows
+
+
+class IndexSink(Datasink[int]):
     """Commits `<folder>/<digest>.parquet` (column image_id) for the error-free rows, thousands at a
     time: the seeds written by `write_row_files` that a rerun need not redo. With
     `with_seed_fractions`, also each image's `tags` and `seed_fractions` (for `seed_statistics`).
@@ -171,8 +182,8 @@ class IndexSink(Datasink):
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
-    def write(self, blocks, ctx) -> int:
-        rows = [r for block in blocks for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False)]
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> int:
+        rows = block_rows(blocks)
         failed = [r for r in rows if r["error"]]
         if failed and self.errors:
             write_table(join(self.errors, f"{digest(r['image_id'] for r in failed)}.parquet"), error_table(failed))
@@ -188,7 +199,7 @@ class IndexSink(Datasink):
         return len(rows)
 
 
-class LabelSink(Datasink):
+class LabelSink(Datasink[dict[str, int]]):
     """Stage-D commit, thousands of rows a write (`rows_per_file`): eval/, errors/, then shards/.
 
     The label PNGs are already written (`write_row_files`); a row is done once its shard is.
@@ -205,8 +216,8 @@ class LabelSink(Datasink):
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
-    def write(self, blocks, ctx) -> dict[str, int]:
-        rows = [r for block in blocks for r in BlockAccessor.for_block(block).iter_rows(public_row_format=False)]
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, int]:
+        rows = block_rows(blocks)
         good = [r for r in rows if not r["error"]]
         bad = [r for r in rows if r["error"]]
         name = digest(r["image_id"] for r in good)

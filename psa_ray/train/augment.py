@@ -9,6 +9,7 @@ into AffinityNet's labels on the stride-8 grid after the crop (`ops.affinity.cel
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,13 +35,13 @@ class RandomLongSideResize(v2.Transform):
         super().__init__()
         self.low, self.high = low, high
 
-    def make_params(self, flat_inputs: list) -> dict:
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = v2.query_size(flat_inputs)
         long_side = int(torch.randint(self.low, self.high + 1, ()))  # torch's RNG: seeded per worker
         scale = long_side / max(h, w)
         return {"size": [max(1, round(h * scale)), max(1, round(w * scale))]}
 
-    def transform(self, inpt, params: dict):
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return F.resize(inpt, params["size"], antialias=True)
 
 
@@ -61,20 +62,23 @@ class TrainAugment:
                           fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE, SeedScores: 0}),
         ])
 
-    def __call__(self, rgb: np.ndarray, mask: np.ndarray | None = None):
+    def __call__(self, rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1))
         if mask is None:
             return self.transform(image), None
         target = torch.from_numpy(np.array(mask))
         target = target.as_subclass(SeedScores) if target.dim() == 4 else tv_tensors.Mask(target)
-        return self.transform(image, target)
+        augmented: tuple[torch.Tensor, torch.Tensor] = self.transform(image, target)
+        return augmented
 
-    def batch(self, rgbs: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None):
+    def batch(self, rgbs: Sequence[np.ndarray],
+              masks: Sequence[np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Augment each sample and stack: images [B,3,S,S] float, targets int64 or None: label
         masks [B,S,S], or for seed scores the labels of `cell_seed_labels` [B,ceil(S/8),ceil(S/8)]."""
         pairs = [self(rgb, None if masks is None else masks[i]) for i, rgb in enumerate(rgbs)]
         images = torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs])
         if masks is None:
             return images, None
-        targets = [cell_seed_labels(p[1]) if isinstance(p[1], SeedScores) else p[1] for p in pairs]
+        # with masks, each pair has its target
+        targets = [cell_seed_labels(p[1]) if isinstance(p[1], SeedScores) else cast(torch.Tensor, p[1]) for p in pairs]
         return images, torch.stack([t.as_subclass(torch.Tensor) for t in targets]).long()

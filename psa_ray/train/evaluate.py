@@ -35,7 +35,8 @@ class TagScores:
 
     def _scores(self, rgb: np.ndarray) -> np.ndarray:
         image = model_input(rgb, self.model)[None]
-        size = training_size(*rgb.shape[:2], self.resize_long)
+        height, width = rgb.shape[:2]
+        size = training_size(height, width, self.resize_long)
         if size != rgb.shape[:2]:
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         scores: np.ndarray = torch.sigmoid(self.model(image))[0].float().cpu().numpy()

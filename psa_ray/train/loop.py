@@ -24,7 +24,7 @@ from psa_ray.io.storage import join
 from psa_ray.models.inference import (
     MODEL_FILE, check_cuda, export_network, inference_device, meta_normalization, native_bf16, network_meta,
     read_meta)
-from psa_ray.models.networks import build_network
+from psa_ray.models.networks import Network, build_network
 from psa_ray.models.weights import load_weights
 from psa_ray.train.tasks import Init, freezes_pretrained, get_task
 
@@ -45,10 +45,11 @@ def ray_device() -> torch.device:
 
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
     """The poly schedule: base_lr * (1 - step / max_steps) ** power."""
-    return base_lr * (1.0 - min(step, max_steps) / max_steps) ** power
+    factor: float = (1.0 - min(step, max_steps) / max_steps) ** power
+    return base_lr * factor
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
+def make_optimizer(model: Network, config: TrainConfig) -> torch.optim.SGD:
     """SGD over (backbone, new layers) with the new layers at `new_layer_lr_mult` x the rate."""
     backbone_params, new_params = model.param_groups()
     return torch.optim.SGD(
@@ -57,7 +58,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.S
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _init_weights(model: torch.nn.Module, config: TrainConfig, init: Init | None) -> None:
+def _init_weights(model: Network, config: TrainConfig, init: Init | None) -> None:
     """Initial weights: pretrained backbone weights, then `init`."""
     if config.backbone_weights:
         load_weights(model.backbone, config.backbone_weights, strict=False)
@@ -65,7 +66,7 @@ def _init_weights(model: torch.nn.Module, config: TrainConfig, init: Init | None
         load_weights(model.backbone if init.backbone_only else model, init.uri, strict=not init.backbone_only)
 
 
-def restore_checkpoint(model: torch.nn.Module, folder: str, device: torch.device,
+def restore_checkpoint(model: Network, folder: str, device: torch.device,
                        config: TrainConfig) -> tuple[torch.optim.SGD, dict[str, Any]]:
     """Resume from a checkpoint `folder`: its weights loaded into `model`, the model moved to
     `device`, and only then the optimizer built and its saved state loaded, so that its momentum
@@ -109,26 +110,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if granted_gpus():
         check_cuda(granted_gpus())  # get_device() would fall back to the CPU without a word
 
-    model = build_network(task.kind, config.backbone, loop_config["num_classes"], config.segmentation_head)
+    network = build_network(task.kind, config.backbone, loop_config["num_classes"], config.segmentation_head)
     if freezes_pretrained(config, loop_config.get("init")):
-        model.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
+        network.freeze_pretrained()  # BN in eval, gamma/beta and the stem frozen, as psa
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    network = network.to(memory_format=memory_format)
     precision = train_precision(device, config.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, step, first_loss = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            optimizer, state = restore_checkpoint(model, folder, device, config)
+            optimizer, state = restore_checkpoint(network, folder, device, config)
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, first_loss = int(state["epoch"]), int(state["step"]), state["first_loss"]
     else:
-        _init_weights(model, config, loop_config.get("init"))
-        optimizer = make_optimizer(model.to(device), config)
-    model = prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
+        _init_weights(network, config, loop_config.get("init"))
+        optimizer = make_optimizer(network.to(device), config)
+    model = prepare_model(network)
+    core: torch.nn.Module = getattr(model, "module", model)  # the network, out of DistributedDataParallel
 
     # here, in the worker: the driver (which only plans Ray Train) never loads torchvision (~165 MB)
     from psa_ray.train.augment import TrainAugment
@@ -140,7 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        started, sums, batches = time.perf_counter(), {}, 0
+        started, batches = time.perf_counter(), 0
+        sums: dict[str, float] = {}
         for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy", drop_last=False,
                                         **epoch_shuffle(config, epoch, rank)):
             images, masks = augment.batch(batch["rgb"], batch["mask"] if task.uses_mask else None)
@@ -163,7 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
 
-        metrics = {k: v / max(batches, 1) for k, v in sums.items()}
+        metrics: dict[str, Any] = {k: v / max(batches, 1) for k, v in sums.items()}
         first_loss = metrics.get("loss") if first_loss is None else first_loss
         metrics.update(epoch=epoch + 1, step=step, first_loss=first_loss, resumed_from_epoch=start_epoch,
                        epoch_seconds=time.perf_counter() - started, precision=precision)
@@ -183,7 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: int,
         class_names: list[str], output_uri: str, init: Init | None = None,
-        radius: int = 5, cpus_per_worker: float = 1.0, max_failures: int = 2) -> tuple[str, dict]:
+        radius: int = 5, cpus_per_worker: float = 1.0, max_failures: int = 2) -> tuple[str, dict[str, Any]]:
     """Train one network with Ray Train; returns (URI of the exported weights, last metrics).
 
     `dataset` rows carry `rgb` (uint8 HxWx3), `tags` (multi-hot float32) and, for AffinityNet and
@@ -213,6 +215,8 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
         dataset_config=DataConfig(execution_options=_in_order()),
     )
     result = trainer.fit()
+    if result.checkpoint is None:  # rank 0 reports one at the last epoch
+        raise RuntimeError(f"Ray Train's {kind} run ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
     return export_network(state, meta, join(storage, kind)), dict(result.metrics or {})
