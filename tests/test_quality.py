@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from psa_ray.pipeline.quality import label_statistics, review_rows, seed_statistics
 from psa_ray.pipeline.quality_rules import (
-    AREA_HIGH_WARNING, AREA_WARNING, MIN_TAGGED, VANISHED_WARNING, quality_warnings, statistics_table)
+    AREA_HIGH_WARNING, AREA_WARNING, MIN_TAGGED, VANISHED_WARNING, quality_warnings)
+from psa_ray.pipeline.report import quality_sections, text_report
 from psa_ray.pipeline.writers import SEED_INDEX, IndexSink, shard_table, write_table
 
 NAMES = ["cat", "dog", "bird"]
@@ -51,7 +52,8 @@ def test_statistics_count_vanished_classes_and_warn_only_for_often_vanished_ones
     seeds = {"classes": {n: {"no_seed": 0.0} for n in NAMES}}
     [walk_lost] = quality_warnings(stats, seeds)
     assert "'cat'" in walk_lost and "random walk lost it" in walk_lost
-    assert "cat" in statistics_table(stats) and "median 0.83" in statistics_table(stats)
+    printed = text_report(quality_sections({"label_statistics": stats}, None))  # what the job prints
+    assert "cat" in printed and "median 0.83" in printed
 
 
 def test_a_class_covering_far_more_than_the_median_class_is_warned_of():

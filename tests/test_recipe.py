@@ -2,6 +2,7 @@
 reference" table that the code can get wrong has a test here that fails if it regresses."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from psa_ray.config import PRESETS, CamConfig, TrainConfig
 from psa_ray.io.palette import decode_label_png, encode_label_png
-from psa_ray.io.seeds import decode_seed, encode_seed_scores, quantize_scores, seed_score_classes
+from psa_ray.io.seeds import CLASSES_KEY, decode_seed, encode_seed_scores, quantize_scores
 from psa_ray.models.inference import load_trained, to_tensor
 from psa_ray.models.networks import DeepLab, DeepLabLargeFOV, build_model, build_network
 from psa_ray.ops.affinity import cell_seed_labels
@@ -297,7 +298,7 @@ def test_seed_scores_round_trip_and_labels_pass_through():
     low, high = (rng.dirichlet([1, 1, 1], size=(6, 7)).transpose(2, 0, 1) for _ in range(2))
     encoded = encode_seed_scores(low, high, np.array([3, 5]))
     decoded = decode_seed(encoded)
-    assert seed_score_classes(encoded) == [3, 5]
+    assert _png_text(encoded, CLASSES_KEY) == "3,5"  # the label values of maps 1..n, kept in the PNG
     assert decoded.shape == (2, 3, 6, 7) and decoded.dtype == np.uint8
     assert np.array_equal(decoded, quantize_scores(np.stack([low, high])))
     assert np.abs(decoded.astype(float) / 255 - np.stack([low, high])).max() <= 0.5 / 255 + 1e-6
@@ -305,9 +306,13 @@ def test_seed_scores_round_trip_and_labels_pass_through():
     assert np.array_equal(decode_seed(encode_label_png(label)), label)
 
 
+def _png_text(data: bytes, key: str) -> str:
+    return str(Image.open(io.BytesIO(data), formats=("PNG",)).info[key])
+
+
 def _stage_b_batch(rgb: np.ndarray, cams: np.ndarray) -> dict:
-    return {"image_id": np.array(["a"], object), "tag_names": np.array(["b"], object),
-            "rgb": _objects([rgb]), "cams": _objects([cams]),
+    return {"image_id": np.array(["a"], object), "image": np.array(["a.png"], object),
+            "tag_names": np.array(["b"], object), "rgb": _objects([rgb]), "cams": _objects([cams]),
             "class_ids": _objects([np.array([2])]), "stage": np.array([""], object),
             "error": np.array([""], object), "message": np.array([""], object)}
 
@@ -328,7 +333,7 @@ def test_stage_b_writes_crf_scores_for_the_paper_and_labels_for_the_demo(tmp_pat
     scores = decode_seed(bytes(out["png"][0]))
     low, high = seed_crf_scores(rgb, cams.astype(np.float32), PAPER.cam)
     assert np.array_equal(scores, quantize_scores(np.stack([low, high])))
-    assert seed_score_classes(bytes(out["png"][0])) == [2]
+    assert _png_text(bytes(out["png"][0]), CLASSES_KEY) == "2"
     assert (scores[0].argmax(0)[:, 20:] == 1).all() and (scores[1].argmax(0)[:, :20] == 0).all()
     demo_out = SeedActor(DEMO.cam, num_classes=3)(_stage_b_batch(rgb, cams))
     demo = decode_label_png(bytes(demo_out["png"][0]))
@@ -397,7 +402,8 @@ def test_metrics_of_a_run_resumed_over_older_eval_files_leave_out_the_psa_varian
     """eval/ files written before the `psa` variant existed: a resumed run still scores the others."""
     import pyarrow as pa
 
-    from psa_ray.pipeline.scoring import evaluation, metrics_table
+    from psa_ray.pipeline.report import quality_sections, text_report
+    from psa_ray.pipeline.scoring import evaluation
     from psa_ray.pipeline.writers import write_table
 
     cm = [3, 1, 0, 4]                              # 2 classes: gt rows, predictions columns
@@ -409,4 +415,5 @@ def test_metrics_of_a_run_resumed_over_older_eval_files_leave_out_the_psa_varian
     metrics = evaluation(str(tmp_path), ["c"])
     assert "psa" not in metrics and metrics["images"] == 2
     assert metrics["rw"]["iou"] == [6 / 8, 8 / 10]  # IoU = TP / (gt + pred - TP), summed matrices
-    assert "psa" not in metrics_table(metrics) and "rw_crf" in metrics_table(metrics)
+    printed = text_report(quality_sections({}, metrics))  # the IoU table the job prints
+    assert "psa" not in printed and "rw_crf" in printed

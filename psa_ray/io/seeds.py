@@ -60,10 +60,3 @@ def decode_seed(data: bytes) -> np.ndarray:
     channels = int(channels)
     stacked = np.asarray(image, dtype=np.uint8)
     return stacked.reshape(2, channels, image.height // (2 * channels), image.width)
-
-
-def seed_score_classes(data: bytes) -> list[int]:
-    """The label values (1..C) of maps 1..n of a seed-score PNG ([] for a label map)."""
-    image = Image.open(io.BytesIO(data), formats=("PNG",))
-    value = image.info.get(CLASSES_KEY, "")
-    return [int(k) for k in value.split(",") if k]

@@ -93,9 +93,3 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
                                                                         side="left")
         ap[c] = np.mean(positives_at_or_above / at_or_above)
     return ap
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Mean of `average_precision` over the classes with at least one positive (NaN if none)."""
-    ap = average_precision(scores, targets)
-    return float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else float("nan")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from psa_ray.pipeline.tables import Table, text_table
+from psa_ray.pipeline.tables import Table
 
 CONFIDENCE_BINS = 100         # histogram of per-image mean confidence over [0, 1]
 # A class (tagged in at least MIN_TAGGED images) is flagged when it vanishes from more than
@@ -206,13 +206,6 @@ def statistics_notes(labels: dict[str, Any], seeds: dict[str, Any] | None = None
     notes.append(f"labels: {_percent(labels['background_share'])}% background; per-image mean confidence "
                  f"p10 {q['p10']:.2f}, median {q['p50']:.2f}, p90 {q['p90']:.2f}")
     return notes
-
-
-def statistics_table(labels: dict[str, Any], seeds: dict[str, Any] | None = None,
-                     held_out: dict[str, Any] | None = None) -> str:
-    """`statistics_rows` as aligned text, then `statistics_notes`."""
-    return "\n".join([text_table(statistics_rows(labels, seeds, held_out)),
-                      *statistics_notes(labels, seeds, held_out)])
 
 
 # --------------------------------------------------------------------------- the review list

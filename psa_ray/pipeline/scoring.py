@@ -156,8 +156,3 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
 def metrics_rows(metrics: dict[str, Any]) -> Table:
     """The per-class IoU table of a metrics.json (`evaluation`), one column per variant."""
     return iou_rows(metrics["class_names"], {v: metrics[v] for v in EVAL_VARIANTS if v in metrics})
-
-
-def metrics_table(metrics: dict[str, Any]) -> str:
-    """`metrics_rows` as aligned text."""
-    return text_table(metrics_rows(metrics))
