@@ -21,7 +21,7 @@ in a fresh subprocess:
   stats go into the JSON.
 
     python bench/pipeline.py                         # 128 images, tiny, Ray with 1 and 2 CPUs
-    python bench/pipeline.py --images 1000 --cpus 2  # the README's figures
+    python bench/pipeline.py --images 1000 --cpus 2  # the figures in bench/README.md
     python bench/pipeline.py --backbone resnet38d    # on a GPU machine
     python bench/pipeline.py --quick                 # 4 images, Ray with 2 CPUs: a smoke run
 """

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The tables of the README's quality section, per corpus."""
+    """The tables of bench/README.md's "Label quality" section, per corpus."""
     lines = []
     for corpus, r in result["corpora"].items():
         q, per_class = r["pseudo_labels_on_train"], r["pseudo_labels_per_class"]

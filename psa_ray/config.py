@@ -1,7 +1,7 @@
 """One config dataclass per stage. Defaults are the `paper` preset: the recipe of jiwoon-ahn/psa,
 the reference code of the paper (Ahn & Kwak, CVPR 2018), where the code and the paper's text
 differ (alpha_high 32, not 24) and where the text is silent (crops, rates, frozen layers);
-README "Fidelity to the reference" lists every setting with psa's value and its source.
+docs/fidelity.md lists every setting with psa's value and its source.
 
 `PRESETS["demo"]` shrinks what must shrink to label the built-in synthetic corpus on a 2-core
 CPU in minutes; everything not named there keeps the paper preset's value.
@@ -97,7 +97,7 @@ class TrainConfig:
     torch_threads: int = 0
 
 
-# psa's recipe (jiwoon-ahn/psa train_cls.py, train_aff.py; README "Fidelity to the reference").
+# psa's recipe (jiwoon-ahn/psa train_cls.py, train_aff.py; docs/fidelity.md).
 # psa's PolyOptimizer passes its weight decay 5e-4 as SGD's momentum (psa#28), so psa takes plain
 # SGD steps of lr * grad. We use momentum 0.9 and lr / 10, which takes the same effective step
 # lr / (1 - momentum) and the same relative weight decay. psa's affinity loss is ours / 4

@@ -1,7 +1,7 @@
 """Errors the user can fix, and how the jobs end on them.
 
 `UserError` is the base of what a user's input can cause: a manifest or classes that do not
-parse (`io.manifest.ManifestError`), weights or checkpoints that cannot be read or do not fit
+parse (`io.rows.ManifestError`), weights or checkpoints that cannot be read or do not fit
 (`models.weights.WeightsError`), label folders that cannot be scored (`pipeline.scoring.ScoringError`).
 `run_job` runs a job's main: a UserError ends as one line, `error: <message>`, and exit status 2;
 anything else keeps its traceback (status 1). Both are redacted (`io.redact.redact`). A

@@ -1,6 +1,6 @@
 """What a job reads: a tagged corpus to label (`read_corpus`: a manifest or a PASCAL VOC 2012
 folder) and untagged images to predict (`read_images`: a manifest or a folder of images), both
-checked by the rules of `io.manifest` with the same error codes."""
+checked by the rules of `io.rows` with the same error codes."""
 from __future__ import annotations
 
 import posixpath

@@ -1,6 +1,6 @@
 """PASCAL VOC 2012 folders as an input corpus: ids from ImageSets/Segmentation/<split>.txt, tags
 from Annotations/<id>.xml (difficult objects included), images JPEGImages/<id>.jpg; rows checked
-as a manifest's are (`io.manifest.validate_records`), with `missing_annotation` / `bad_annotation`
+as a manifest's are (`io.rows.validate_records`), with `missing_annotation` / `bad_annotation`
 for annotations that are not there or do not parse."""
 from __future__ import annotations
 

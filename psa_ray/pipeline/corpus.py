@@ -1,5 +1,5 @@
 """The corpus as Ray Data streams it: the manifest validated once into `<output>/rows/`, then read
-by every stage as Parquet tables (`datasources.TableFilesDatasource`). Nothing on the driver grows
+by every stage as Parquet tables (`datasources.parquet_dataset`). Nothing on the driver grows
 with the corpus but the first 8 bytes of each row's key while duplicates and the training sample
 are found (80 MB at 10M rows), and the 16-byte keys of committed rows when a run resumes.
 
