@@ -34,8 +34,9 @@ from psa_ray.pipeline.readers import corpus_rows, rows_dataset
 from psa_ray.pipeline.stages import (
     COMMIT_CPUS, NO_PROGRESS_ENV, cpu_only_pipeline, gpu_pipeline, label_stage, train_stage)
 from psa_ray.pipeline.training import TrainJob, train_network
+from psa_ray.pipeline.layout import OutputLayout
 from psa_ray.pipeline.writers import (
-    EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, IndexSink, drop_retried_errors, error_table, eval_table, read_tables,
+    EVAL_VARIANTS, IndexSink, drop_retried_errors, error_table, eval_table, read_tables,
     write_table)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,17 +180,18 @@ def test_stage_b_failures_are_recorded_and_only_transient_ones_are_retried(tmp_p
                       "png": [b"x", b"", b""], "seed_fractions": [[0.5, 0.5, 0.0]] * 3,
                       "stage": ["", "read", "read"], "error": ["", "decode", "unavailable"],
                       "message": ["", "not an image", "storage kept failing"]})
-    sink = IndexSink(join(output, SEED_INDEX), 2048, with_seed_fractions=True, errors_uri=join(output, SEED_ERRORS))
+    layout = OutputLayout(output)
+    sink = IndexSink(layout.seed_index, 2048, with_seed_fractions=True, errors_uri=layout.seed_errors)
     assert sink.write([block], None) == 1
-    assert read_tables(join(output, SEED_INDEX)).column("image_id").to_pylist() == ["ok"]
-    errors = read_tables(join(output, SEED_ERRORS))
+    assert read_tables(OutputLayout(output).seed_index).column("image_id").to_pylist() == ["ok"]
+    errors = read_tables(OutputLayout(output).seed_errors)
     assert errors.schema == ERROR_SCHEMA
     assert sorted(errors.select(["image_id", "stage", "error"]).to_pylist(), key=str) == sorted(
         [{"image_id": "bad", "stage": "read", "error": "decode"},
          {"image_id": "gone", "stage": "read", "error": "unavailable"}], key=str)
-    assert drop_retried_errors(join(output, SEED_ERRORS)) == 1
-    assert read_tables(join(output, SEED_ERRORS)).column("image_id").to_pylist() == ["bad"]
-    assert drop_retried_errors(join(output, SEED_ERRORS)) == 0
+    assert drop_retried_errors(OutputLayout(output).seed_errors) == 1
+    assert read_tables(OutputLayout(output).seed_errors).column("image_id").to_pylist() == ["bad"]
+    assert drop_retried_errors(OutputLayout(output).seed_errors) == 0
     write_table(join(output, "errors", "x.parquet"), error_table([{"image_id": "gone", "stage": "read",
                                                                    "error": "unavailable"}]))
     assert drop_retried_errors(join(output, "errors")) == 1 and read_tables(join(output, "errors")) is None

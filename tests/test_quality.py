@@ -12,7 +12,8 @@ from psa_ray.pipeline.quality import label_statistics, review_rows, seed_statist
 from psa_ray.pipeline.quality_rules import (
     AREA_HIGH_WARNING, AREA_WARNING, MIN_TAGGED, VANISHED_WARNING, quality_warnings)
 from psa_ray.pipeline.report import quality_sections, text_report
-from psa_ray.pipeline.writers import SEED_INDEX, IndexSink, shard_table, write_table
+from psa_ray.pipeline.layout import OutputLayout
+from psa_ray.pipeline.writers import IndexSink, shard_table, write_table
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -80,9 +81,10 @@ def test_seed_statistics_per_class_from_the_committed_seed_index(ray_cluster, tm
              for i in range(3)]
             + [{"image_id": "cd", "tag_names": "cat|dog", "seed_fractions": [0.25, 0.5, 0, 0, 0.25], "error": ""},
                {"image_id": "bad", "tag_names": "dog", "seed_fractions": [0, 0, 0, 0, 0], "error": "Boom"}])
-    sink = IndexSink(join(str(tmp_path), SEED_INDEX), 100, with_seed_fractions=True)
+    sink = IndexSink(OutputLayout(str(tmp_path)).seed_index, 100, with_seed_fractions=True)
     sink.write([pa.Table.from_pylist(rows[:2]), pa.Table.from_pylist(rows[2:])], None)
-    write_table(join(str(tmp_path), SEED_INDEX, "old.parquet"), pa.table({"image_id": ["x"]}))  # no fractions
+    old = join(OutputLayout(str(tmp_path)).seed_index, "old.parquet")
+    write_table(old, pa.table({"image_id": ["x"]}))  # no fractions
 
     stats = seed_statistics(str(tmp_path), NAMES)
     assert stats["images"] == 4 and stats["ignore_share"] == 0.25

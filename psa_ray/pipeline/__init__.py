@@ -12,7 +12,7 @@ one before wrote, so a rerun does only what is missing:
 | D | CAMs -> AffinityNet -> random walk -> CRF -> labels/, shards/ (with the quality score) | `stages.label_stage` |
 | E | train DeepLab on the labels (optional) | `stages.train_stage("deeplab", ...)` |
 
-Around them: `corpus` (stage 0 and the rows each stage reads), `datasources` (a manifest read as
+Around them: `layout` (every path under the output), `corpus` (stage 0 and the rows each stage reads), `datasources` (a manifest read as
 checked rows, whole Parquet files), `staging` (stage 0's files: `CorpusSink`, VOC folders),
 `builtin` (the built-in corpora as an input), `readers` (rows -> decoded images), `actors` (the
 thin adapters over `psa_ray.ops.pseudo_labels`, no Ray import), `row_errors` (how rows fail, the

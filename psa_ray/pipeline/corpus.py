@@ -41,8 +41,9 @@ from psa_ray.pipeline.datasources import READ_CPUS, ManifestDatasource, parquet_
 from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.staging import CorpusSink, stage_voc
 from psa_ray.pipeline.writers import error_table, read_table, table_rows, write_table
+from psa_ray.pipeline.layout import OutputLayout
 
-ROWS_FOLDER, CORPUS_FILE = "rows", "_corpus.json"
+CORPUS_FILE = "_corpus.json"
 DUPLICATES_FILE = "manifest-duplicates.parquet"  # in errors/
 
 
@@ -149,7 +150,7 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
     Raises ManifestError, with nothing left in the output, for problems with the input as a
     whole: unreadable, missing columns, no class names, no usable row.
     """
-    rows_uri = join(output, ROWS_FOLDER)
+    rows_uri = OutputLayout(output).rows
     marker = join(rows_uri, CORPUS_FILE)
     if exists(marker):
         index = CorpusIndex(**json.loads(read_bytes(marker)))
@@ -183,15 +184,15 @@ def prepare_corpus(input_uri: str, output: str, classes: str | None = None,
         prefixes = unique_sorted(prefixes)
     duplicates_uri = None
     if dup_errors:
-        duplicates_uri = join(output, "errors", DUPLICATES_FILE)
+        duplicates_uri = join(OutputLayout(output).errors, DUPLICATES_FILE)
         write_table(duplicates_uri, error_table([e.to_dict() for e in dup_errors]).append_column(
             "row", pa.array(losers, pa.int64())))
     for uri in list_files(rows_uri, suffix=".parquet"):  # the rejected rows join errors/
         name = posixpath.basename(uri)
         if name.startswith("rejected-"):
-            write_bytes(join(output, "errors", "manifest-" + name[len("rejected-"):]), read_bytes(uri))
+            write_bytes(join(OutputLayout(output).errors, "manifest-" + name[len("rejected-"):]), read_bytes(uri))
     index = CorpusIndex(rows_uri=rows_uri, class_names=names, num_rows=count - len(losers),
-                        num_errors=table_rows(join(output, "errors"), name_prefix="manifest-"),
+                        num_errors=table_rows(OutputLayout(output).errors, name_prefix="manifest-"),
                         duplicates_uri=duplicates_uri,
                         sample=training_sample(prefixes, train_images) if train_images else {})
     write_bytes(marker, json.dumps(asdict(index), indent=2).encode())

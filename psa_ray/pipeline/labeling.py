@@ -40,10 +40,11 @@ from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.readers import corpus_rows, decoded_dataset, keep_decoded, with_mask_uri
 from psa_ray.pipeline.report import write_report
 from psa_ray.pipeline.scoring import evaluation
+from psa_ray.pipeline.layout import OutputLayout
 from psa_ray.pipeline.progress import StageProgress, stage
 from psa_ray.pipeline.stages import label_stage, seed_stage, stall_ends_job, train_stage, watch_progress
 from psa_ray.pipeline.writers import (
-    EVAL_VARIANTS, SEED_ERRORS, SEED_INDEX, drop_retried_errors, read_table, table_rows)
+    EVAL_VARIANTS, drop_retried_errors, read_table, table_rows)
 from psa_ray.train.evaluate import classifier_ap
 from psa_ray.train.tasks import Init
 
@@ -123,7 +124,7 @@ def report_rows(records: list[dict[str, Any]], class_names: list[str], gt: str |
 
 def report_samples(output: str, class_names: list[str], gt: str | None, count: int) -> list[dict[str, Any]]:
     """The first `count` labeled rows of the first shard, as pipeline rows, for the report."""
-    shards = list_files(join(output, "shards"), suffix=".parquet")
+    shards = list_files(OutputLayout(output).shards, suffix=".parquet")
     if not shards:
         return []
     table = read_table(shards[0], columns=["image_id", "image", "tags"]).slice(0, count)
@@ -149,6 +150,7 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
     paths: dict[str, Any] = {k: absolute(getattr(job, k)) for k in (
         "output", "input", "gt", "backbone_weights", "cam_checkpoint", "affinity_checkpoint")}
     job = replace(job, **paths)
+    out = OutputLayout(job.output)
     if not 0.0 <= job.held_out < 0.5:
         raise UserError(f"--held-out must be in [0, 0.5), got {job.held_out}")
     if job.corpus is not None and (job.input is not None or job.corpus not in CORPORA):
@@ -177,7 +179,7 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
 
     input_uri, gt = job.input, job.gt
     if input_uri is None:
-        corpus_root, kind = join(job.output, "corpus"), job.corpus or "birds"
+        corpus_root, kind = out.corpus, job.corpus or "birds"
         size = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
         input_uri = builtin_corpus(corpus_root, kind, CORPORA[kind](seed=job.seed, **size))
         gt = gt or join(corpus_root, "gt")
@@ -195,44 +197,44 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
         cam_held_out = timed("cam_held_out", held_out_ap, index, job.held_out, preset, cam_w, names, has_gpu)
     affinity_w = job.affinity_checkpoint
     if affinity_w is None:
-        drop_retried_errors(join(job.output, SEED_ERRORS))
-        seeded = committed_keys(join(job.output, SEED_INDEX), errors=join(job.output, SEED_ERRORS))
+        drop_retried_errors(out.seed_errors)
+        seeded = committed_keys(out.seed_index, errors=out.seed_errors)
         timed("seeds", seed_stage, corpus_dataset(index, sample=True, exclude=seeded), preset, cam_w,
               len(names), job.output, has_gpu,
               images=(index.sample["size"] if index.sample else index.num_rows) - _count(seeded))
-        rows = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, SEED_INDEX)))
+        rows = corpus_dataset(index, sample=True, include=committed_keys(out.seed_index))
         affinity_w = timed("train_affinity", train_stage, "affinity",
                            rows.map_batches(batch_fn(with_mask_uri), num_cpus=READ_CPUS,
-                                            fn_kwargs={"folder": join(job.output, "seeds")}),
+                                            fn_kwargs={"folder": out.seeds}),
                            preset, names, job.output, None if preset.affinity_backbone else Init(cam_w),
                            cpus_per_worker)[0]
-    drop_retried_errors(join(job.output, "errors"))
-    done = committed_keys(join(job.output, "shards"), errors=join(job.output, "errors"))
-    skipped = table_rows(join(job.output, "shards")) + table_rows(join(job.output, "errors")) - index.num_errors
+    drop_retried_errors(out.errors)
+    done = committed_keys(out.shards, errors=out.errors)
+    skipped = table_rows(out.shards) + table_rows(out.errors) - index.num_errors
     timed("labels", label_stage, corpus_dataset(index, exclude=done, gt=gt), preset, cam_w, affinity_w,
           len(names), job.output, run_id, has_gpu, evaluate=bool(gt), images=index.num_rows - _count(done))
     metrics = evaluation(job.output, names)
     if metrics:
-        write_bytes(join(job.output, "metrics.json"), json.dumps(metrics, indent=2).encode())
+        write_bytes(out.metrics, json.dumps(metrics, indent=2).encode())
 
     deeplab_w = None
     if job.train_segmentation:
-        labeled = corpus_dataset(index, sample=True, include=committed_keys(join(job.output, "shards")))
+        labeled = corpus_dataset(index, sample=True, include=committed_keys(out.shards))
         deeplab_w = timed("train_deeplab", train_stage, "deeplab",
                           labeled.map_batches(batch_fn(with_mask_uri), num_cpus=READ_CPUS,
-                                              fn_kwargs={"folder": join(job.output, "labels")}),
+                                              fn_kwargs={"folder": out.labels}),
                           preset, names, job.output, Init(cam_w), cpus_per_worker)[0]
 
     statistics = label_statistics(job.output, names)
     seeds = seed_statistics(job.output, names)
     warnings = quality_warnings(statistics, seeds)
-    labeled_count = table_rows(join(job.output, "shards"))
-    errors = table_rows(join(job.output, "errors"))
+    labeled_count = table_rows(out.shards)
+    errors = table_rows(out.errors)
     summary = {
         "run_id": run_id, "input": input_uri, "output": job.output, "preset": to_dict(preset),
         "job": to_dict(job), "versions": _versions(), "has_gpu": has_gpu,
         "counts": {"input_rows": index.num_rows + index.num_errors, "labeled": labeled_count,
-                   "errors": errors, "skipped": skipped, "seed_errors": table_rows(join(job.output, SEED_ERRORS)),
+                   "errors": errors, "skipped": skipped, "seed_errors": table_rows(out.seed_errors),
                    "processed": labeled_count + errors - index.num_errors - skipped},
         "train_sample": index.sample or None,
         "checkpoints": {"cam": cam_w, "affinity": affinity_w, "deeplab": deeplab_w},
@@ -241,7 +243,7 @@ def _run(job: LabelJob, run_id: str) -> dict[str, Any]:
         "cam_held_out": cam_held_out, "seed_statistics": seeds, "label_statistics": statistics,
         "warnings": warnings,
     }
-    write_bytes(join(job.output, "run.json"), redact(json.dumps(summary, indent=2, default=str)).encode())
+    write_bytes(out.run_record, redact(json.dumps(summary, indent=2, default=str)).encode())
     # after run.json, so that a failing picture never loses the run record
     samples = report_samples(job.output, names, gt, 8)
     review = report_rows(review_rows(job.output, REVIEW_ROWS), names, gt)

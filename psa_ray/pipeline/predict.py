@@ -37,6 +37,7 @@ from psa_ray.pipeline.writers import (
 from psa_ray.models.inference import (
     autocast_dtype, check_weights, input_normalization, load_trained, read_meta, to_tensor)
 from psa_ray.train.loop import ray_device
+from psa_ray.pipeline.layout import OutputLayout
 
 
 class SegmentActor:
@@ -81,9 +82,9 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
     again (`writers.RETRIED_ERRORS`). Returns counts: images, rejected_rows, skipped, processed,
     and over all rows, labeled and errors."""
     if row_errors:
-        write_table(join(output, "errors", "manifest.parquet"),
+        write_table(join(OutputLayout(output).errors, "manifest.parquet"),
                     error_table([e.to_dict() for e in row_errors]))
-    drop_retried_errors(join(output, "errors"))
+    drop_retried_errors(OutputLayout(output).errors)
     done = set().union(*committed_ids(output))
     todo = [r for r in rows if r["image_id"] not in done]
     if todo:
@@ -95,7 +96,7 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
                             num_gpus=pipeline.gpu_actor_gpus if has_gpu else 0,
                             num_cpus=pipeline.gpu_actor_cpus)
         ds = ds.map_batches(batch_fn(write_row_files), num_cpus=pipeline.write_cpus,
-                            fn_kwargs={"folder": join(output, "labels"), "column": "label_png"})
+                            fn_kwargs={"folder": OutputLayout(output).labels, "column": "label_png"})
         ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False,
                                     rows_per_file=pipeline.shard_rows),
                           ray_remote_args={"num_cpus": pipeline.write_cpus})
@@ -126,7 +127,7 @@ def run(job: PredictJob) -> dict[str, Any]:
 
 
 def _run(job: PredictJob) -> dict[str, Any]:
-    if exists(join(job.output, "run.json")):
+    if exists(OutputLayout(job.output).run_record):
         raise UserError(f"{job.output} holds a labeling run (run.json); its labels/ would mix with "
                         "the predictions: pass another --output")
     check_weights("--checkpoint", job.checkpoint, trained=True)
@@ -138,5 +139,5 @@ def _run(job: PredictJob) -> dict[str, Any]:
     summary = {"checkpoint": job.checkpoint, "input": job.input, "output": job.output,
                "preset": preset, "has_gpu": shape.has_gpu, "counts": counts,
                "seconds": round(time.perf_counter() - started, 2)}
-    write_bytes(join(job.output, "predict.json"), json.dumps(summary, indent=2).encode())
+    write_bytes(OutputLayout(job.output).predictions, json.dumps(summary, indent=2).encode())
     return summary

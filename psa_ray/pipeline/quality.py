@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from psa_ray.io.storage import join
 from psa_ray.pipeline.datasources import READ_CPUS, parquet_dataset
 from psa_ray.pipeline.quality_rules import QUALITY_COLUMN, block_sums, lowest, summarize_labels, summarize_seeds
 from psa_ray.pipeline.ray_types import arrow_batches, batch_fn
-from psa_ray.pipeline.writers import SEED_INDEX
+from psa_ray.pipeline.layout import OutputLayout
 
 
 def _summed(prefix: str, column: str, class_names: list[str]) -> dict[str, Any] | None:
@@ -33,14 +32,14 @@ def _summed(prefix: str, column: str, class_names: list[str]) -> dict[str, Any] 
 def label_statistics(output: str, class_names: list[str]) -> dict[str, Any] | None:
     """`summarize_labels` of the labels committed under `output` (None: none yet), summed from
     shards/ (tags, class_fractions, mean_confidence)."""
-    total = _summed(join(output, "shards"), "class_fractions", class_names)
+    total = _summed(OutputLayout(output).shards, "class_fractions", class_names)
     return None if total is None else summarize_labels(total, class_names)
 
 
 def seed_statistics(output: str, class_names: list[str]) -> dict[str, Any] | None:
     """`summarize_seeds` of stage B's confident seeds (None: no seeds, e.g. a given AffinityNet),
     summed from index/seeds/ (seed_fractions)."""
-    total = _summed(join(output, SEED_INDEX), "seed_fractions", class_names)
+    total = _summed(OutputLayout(output).seed_index, "seed_fractions", class_names)
     return None if total is None else summarize_seeds(total, class_names)
 
 
@@ -48,7 +47,7 @@ def review_rows(output: str, count: int) -> list[dict[str, Any]]:
     """The `count` labeled images of lowest quality score, lowest first: {image_id, image,
     tag_names, quality}. Each shard file is cut to its lowest `count` in a Ray task; the driver
     keeps `count` rows at a time."""
-    ds = parquet_dataset(join(output, "shards"), ["image_id", "image", "tags", QUALITY_COLUMN])
+    ds = parquet_dataset(OutputLayout(output).shards, ["image_id", "image", "tags", QUALITY_COLUMN])
     if ds is None or count <= 0:
         return []
     kept: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ from psa_ray.pipeline.scoring import metrics_rows
 from psa_ray.pipeline.tables import Table, html_table, text_table
 from psa_ray.models.inference import autocast_dtype, load_trained, model_input
 from psa_ray.train.loop import ray_device
+from psa_ray.pipeline.layout import OutputLayout
 
 DISPLAY_SIDE = 320  # smaller images are enlarged by an integer factor towards this long side
 
@@ -157,7 +158,7 @@ def draw_pictures(rows: Sequence[dict[str, Any]], output: str, preset: Preset, c
     image shrunk to the pipeline's `max_side` (its labels with it); returns {image_id: reason} of
     those that could not be drawn (unreadable image, sizes that differ). Runs the networks: call
     it in a Ray task (`write_report`), not on the driver."""
-    folder, labels = join(output, "report"), join(output, "labels")
+    folder, labels = OutputLayout(output).report, OutputLayout(output).labels
     device = ray_device()
     cam_net = load_trained(cam_weights, device)
     affinity_net = load_trained(affinity_weights, device)
@@ -196,7 +197,7 @@ def write_report(output: str, rows: list[dict[str, Any]], preset: Preset, cam_we
     resources of a network actor). A sample that cannot be drawn is listed with the reason
     instead of failing the report.
     """
-    folder, labels = join(output, "report"), join(output, "labels")
+    folder, labels = OutputLayout(output).report, OutputLayout(output).labels
     reviewed = list(review[:num_review_pictures])
     samples = [r for r in rows if exists(join(labels, f"{r['image_id']}.png"))][:num_samples]
     unique = list({r["image_id"]: r for r in [*reviewed, *samples]}.values())

@@ -16,10 +16,11 @@ import numpy as np
 
 from psa_ray.errors import UserError
 from psa_ray.io.palette import IGNORE, decode_label_png
-from psa_ray.io.storage import join, list_files, read_bytes
+from psa_ray.io.storage import list_files, read_bytes
 from psa_ray.ops.metrics import confusion_matrix, iou_per_class, mean_iou
 from psa_ray.pipeline.tables import Table, text_table
 from psa_ray.pipeline.writers import EVAL_VARIANTS, read_table
+from psa_ray.pipeline.layout import OutputLayout
 
 VALUES = 256          # label PNGs are 8-bit: values 0..255
 CHUNK = 64            # images read at a time (bounds memory on large folders)
@@ -121,11 +122,11 @@ def evaluation(output: str, class_names: list[str]) -> dict[str, Any] | None:
     eval files whose shard is committed (an eval file without its shard belongs to an
     interrupted write), and in `ground_truth_notes` how many labeled images were not scored, by
     reason (`actors.RefineActor.scores`); None when no image was scored."""
-    shards = {u.rsplit("/", 1)[-1] for u in list_files(join(output, "shards"), suffix=".parquet")}
+    shards = {u.rsplit("/", 1)[-1] for u in list_files(OutputLayout(output).shards, suffix=".parquet")}
     k = len(class_names) + 1
     sums: dict[str, np.ndarray | None] = {v: np.zeros((k, k + 1), np.int64) for v in EVAL_VARIANTS}
     images, notes = 0, Counter[str]()
-    for uri in list_files(join(output, "eval"), suffix=".parquet"):
+    for uri in list_files(OutputLayout(output).eval, suffix=".parquet"):
         if uri.rsplit("/", 1)[-1] not in shards:
             continue
         row = read_table(uri).to_pylist()[0]

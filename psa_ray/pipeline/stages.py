@@ -18,16 +18,16 @@ from ray.data.exceptions import ExecutionTimeoutError
 
 from psa_ray.config import PipelineConfig, Preset
 from psa_ray.errors import UserError
-from psa_ray.io.storage import exists, join
-from psa_ray.models.inference import MODEL_FILE
+from psa_ray.io.storage import exists
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.actors import NetworkActor, RefineActor, SeedActor, StageChain
 from psa_ray.pipeline.datasources import READ_CPUS
 from psa_ray.pipeline.ray_types import batch_fn
 from psa_ray.pipeline.readers import decoded_dataset, keep_decoded
-from psa_ray.pipeline.writers import SEED_ERRORS, SEED_INDEX, IndexSink, LabelSink, write_row_files
+from psa_ray.pipeline.writers import IndexSink, LabelSink, write_row_files
 from psa_ray.train.loop import fit
 from psa_ray.train.tasks import Init
+from psa_ray.pipeline.layout import OutputLayout
 
 # A commit (one Parquet file per shard_rows rows) is light; asking for other CPUs than the file
 # writes keeps Ray from fusing the two, so label files land block by block, not per shard.
@@ -184,7 +184,7 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
     and decoded again every epoch. Returns the weights URI and the last epoch's metrics ({} when
     reused).
     """
-    weights = join(output, "checkpoints", kind, MODEL_FILE)
+    weights = OutputLayout(output).weights(kind)
     if exists(weights):
         print(f"[{kind}] reusing {weights}")
         return weights, {}
@@ -216,9 +216,9 @@ def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_cla
     ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
                                                         mixed_precision=p.mixed_precision)),
                       (SeedActor, {"cam": preset.cam, "num_classes": num_classes}), has_gpu,
-                      join(output, "seeds"), "png", counter)
-    ds.write_datasink(IndexSink(join(output, SEED_INDEX), p.shard_rows, with_seed_fractions=True,
-                                errors_uri=join(output, SEED_ERRORS)), ray_remote_args={"num_cpus": COMMIT_CPUS})
+                      OutputLayout(output).seeds, "png", counter)
+    ds.write_datasink(IndexSink(OutputLayout(output).seed_index, p.shard_rows, with_seed_fractions=True,
+                                errors_uri=OutputLayout(output).seed_errors), ray_remote_args={"num_cpus": COMMIT_CPUS})
 
 
 def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affinity_weights: str,
@@ -235,5 +235,5 @@ def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affini
                                                         mixed_precision=p.mixed_precision)),
                       (RefineActor, dict(walk=preset.walk, seed_alpha=preset.cam.alpha_low, num_classes=num_classes,
                                         evaluate=evaluate)),
-                      has_gpu, join(output, "labels"), "label_png", counter)
+                      has_gpu, OutputLayout(output).labels, "label_png", counter)
     ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})

@@ -14,7 +14,7 @@ from psa_ray.data.synthetic import SyntheticConfig, split_ids
 from psa_ray.errors import UserError
 from psa_ray.io.inputs import read_corpus
 from psa_ray.io.lease import hold
-from psa_ray.io.storage import absolute, join
+from psa_ray.io.storage import absolute
 from psa_ray.models.inference import check_weights
 from psa_ray.models.networks import network_spec
 from psa_ray.pipeline.builtin import builtin_corpus
@@ -23,6 +23,7 @@ from psa_ray.pipeline.stages import train_stage
 from psa_ray.pipeline.writers import table_rows
 from psa_ray.train.evaluate import classifier_ap
 from psa_ray.train.tasks import Init
+from psa_ray.pipeline.layout import OutputLayout
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     input_uri = job.input
     if input_uri is None:  # the labeling job's corpus (same defaults), never written over another one
         size: dict[str, Any] = {} if job.synthetic_images is None else {"num_images": job.synthetic_images}
-        input_uri = builtin_corpus(join(job.output, "corpus"), "birds", SyntheticConfig(**size))
+        input_uri = builtin_corpus(OutputLayout(job.output).corpus, "birds", SyntheticConfig(**size))
     corpus, _ = read_corpus(input_uri, classes=job.classes)
     rows = corpus_rows(corpus, None)
     train_ids, val_ids = map(set, split_ids([r["image_id"] for r in rows], job.val_fraction, seed=0))
@@ -80,9 +81,9 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
     preset = replace(preset, **trained)
     init = None
     if spec.mask_folder:
-        train_rows = with_masks(train_rows, job.masks or join(job.output, spec.mask_folder))
+        train_rows = with_masks(train_rows, job.masks or OutputLayout(job.output).masks(spec.mask_folder))
         init = Init(job.init) if job.init else None
-    errors = join(job.output, "errors")
+    errors = OutputLayout(job.output).errors
     weights, metrics = train_stage(kind, rows_dataset(train_rows), preset, list(corpus.class_names), job.output,
                                    init, job.cpus_per_worker, errors=errors)
     report: dict[str, Any] = {"weights": weights, "train_images": len(train_rows), "metrics": metrics}

@@ -24,14 +24,11 @@ from ray.data.block import Block, BlockAccessor
 from psa_ray.io.rows import ERROR_SCHEMA
 from psa_ray.io.palette import IGNORE, encode_label_png
 from psa_ray.io.storage import filesystem, join, list_files, read_bytes, remove_tree, with_retries, write_bytes
+from psa_ray.pipeline.layout import OutputLayout
 
 if TYPE_CHECKING:
     from ray.data._internal.execution.interfaces import TaskContext
 
-SEED_INDEX = "index/seeds"  # committed seeds: <output>/index/seeds/<digest>.parquet
-# the rows stage B failed on (ERROR_SCHEMA): not in errors/, which holds the rows that could not be
-# labeled (stage D may still label a row whose seeds failed)
-SEED_ERRORS = "index/seed-errors"
 # Error codes a rerun retries: storage that kept failing through every retry (`readers.decode_rows`).
 # Every other error row is final: a rerun cannot fix a decode error, a missing or too large
 # file, access denied, or a row an actor failed on.
@@ -88,8 +85,8 @@ def committed_ids(output_uri: str) -> tuple[set[str], set[str]]:
     Manifest errors are left out: they are rewritten by every run, and a rejected duplicate
     shares its id with the row that was kept and still has to be labeled.
     """
-    shards = read_tables(join(output_uri, "shards"), columns=["image_id"])
-    errors = read_tables(join(output_uri, "errors"), columns=["image_id", "stage"])
+    shards = read_tables(OutputLayout(output_uri).shards, columns=["image_id"])
+    errors = read_tables(OutputLayout(output_uri).errors, columns=["image_id", "stage"])
     labeled = set() if shards is None else set(shards.column("image_id").to_pylist())
     failed = set() if errors is None else {r["image_id"] for r in errors.to_pylist() if r["stage"] != "manifest"}
     return labeled, failed
@@ -209,7 +206,7 @@ class LabelSink(Datasink[dict[str, int]]):
     """
 
     def __init__(self, output_uri: str, run_id: str, evaluate: bool, rows_per_file: int = 2048):
-        self.output, self.run_id, self.evaluate = output_uri, run_id, evaluate
+        self.output, self.run_id, self.evaluate = OutputLayout(output_uri), run_id, evaluate
         self.rows_per_file = rows_per_file
 
     @property
@@ -222,12 +219,12 @@ class LabelSink(Datasink[dict[str, int]]):
         bad = [r for r in rows if r["error"]]
         name = digest(r["image_id"] for r in good)
         if self.evaluate and good:
-            write_table(join(self.output, "eval", f"{name}.parquet"), eval_table(good))
+            write_table(join(self.output.eval, f"{name}.parquet"), eval_table(good))
         if bad:
-            write_table(join(self.output, "errors", f"{digest(r['image_id'] for r in bad)}.parquet"),
+            write_table(join(self.output.errors, f"{digest(r['image_id'] for r in bad)}.parquet"),
                         error_table(bad))
         if good:
-            write_table(join(self.output, "shards", f"{name}.parquet"), shard_table(good, self.run_id))
+            write_table(join(self.output.shards, f"{name}.parquet"), shard_table(good, self.run_id))
         return {"labeled": len(good), "errors": len(bad)}
 
 

@@ -6,6 +6,7 @@ on new layers, mixed precision per device (`train_precision`), and a checkpoint 
 restarted run resumes from (`restore_checkpoint`)."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -16,7 +17,8 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig)
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from psa_ray.config import TrainConfig
@@ -24,6 +26,7 @@ from psa_ray.io.storage import join
 from psa_ray.models.inference import (
     MODEL_FILE, check_cuda, export_network, inference_device, meta_normalization, native_bf16, network_meta,
     read_meta)
+from psa_ray.pipeline.layout import OutputLayout
 from psa_ray.models.networks import Network, build_network
 from psa_ray.models.weights import load_weights
 from psa_ray.train.tasks import Init, freezes_pretrained, get_task
@@ -193,7 +196,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
     rerunning with the same output resumes from the latest one. The final weights are exported
     to `<output>/checkpoints/<kind>/model.pt` with `meta.json` beside them.
     """
-    storage = join(output_uri, "checkpoints")
+    storage = OutputLayout(output_uri).checkpoints
     # a network started from another's backbone (AffinityNet, DeepLab) takes its input normalisation
     meta = network_meta(kind, config, class_names, radius,
                         meta_normalization(read_meta(init.uri)) if init else None)
@@ -210,7 +213,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
                                      resources_per_worker=worker_resources),
         run_config=RunConfig(name=kind, storage_path=_ray_storage_path(storage),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), **_train_logging()),
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=_in_order()),
     )
@@ -220,6 +223,14 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
     return export_network(state, meta, join(storage, kind)), dict(result.metrics or {})
+
+
+def _train_logging() -> dict[str, Any]:
+    """RunConfig's logging: Ray Train's console at the driver's Ray level (`progress.ray_logging`:
+    INFO with --verbose, else WARNING, which also keeps a worker's printed line from being logged
+    twice). A keyword mypy cannot check: Ray 2.60 runs Train V2, whose RunConfig takes it, while
+    its stubs name the V1 RunConfig."""
+    return {"logging_config": LoggingConfig(logging.getLevelName(logging.getLogger("ray").getEffectiveLevel()))}
 
 
 def _in_order() -> ray.data.ExecutionOptions:
