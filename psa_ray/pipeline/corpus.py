@@ -93,10 +93,11 @@ def _not_manifest(batch: pa.Table) -> pa.Table:
     return batch.filter(pa.compute.not_equal(batch.column("stage"), "manifest"))
 
 
-def committed_keys(tables: str, errors: str | None = None) -> Any:
+def committed_keys(tables: str | None, errors: str | None = None) -> Any:
     """An object ref to the sorted keys of the image ids committed in the Parquet tables under
-    `tables` (shards/, index/seeds/) and, if given, the non-manifest rows of `errors`; None if
-    there are none. Read with Ray Data; the driver holds 16 bytes a committed row."""
+    `tables` (shards/, index/seeds/; None: none) and, if given, the non-manifest rows of
+    `errors`; None if there are none. Read with Ray Data; the driver holds 16 bytes a committed
+    row. The one resume rule of every job (labeling, prediction)."""
     keys = []
     for prefix, columns in ((tables, ["image_id"]), (errors, ["image_id", "stage"])):
         if not prefix:

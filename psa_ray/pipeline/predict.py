@@ -1,10 +1,10 @@
 """Label new, untagged images with a trained DeepLab through Ray Data.
 
-Same pieces and output layout as the labeling job's stage D: `decoded_dataset` reads and decodes
-(bad images become error rows), `SegmentActor` runs the network, and `LabelSink` writes
-`labels/<image_id>.png`, `errors/*.parquet` and the `shards/*.parquet` that commit each row, so
-a rerun over the same output skips the images already done. In the shards, `tags` holds the
-classes present in the predicted label.
+The labeling job's stage D with DeepLab in the place of its networks: `stages.stage_files` reads
+and decodes (bad images become error rows), runs `SegmentActor` and writes `labels/<image_id>.png`;
+`LabelSink` commits `errors/*.parquet` and the `shards/*.parquet` of each row; a rerun skips the
+rows committed (`corpus.committed_keys`, the labeling job's resume). In the shards, `tags` holds
+the classes present in the predicted label.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 
 from psa_ray.config import PRESETS, PipelineConfig, default_preset
 from psa_ray.errors import UserError
+from psa_ray.io.keys import id_key, is_member
 from psa_ray.io.rows import RowError
 from psa_ray.io.inputs import read_images
 from psa_ray.io.images import resize_label
@@ -29,11 +30,11 @@ from psa_ray.io.storage import absolute, exists, join, write_bytes
 from psa_ray.ops.forward import segment_probabilities
 from psa_ray.pipeline.actors import per_batch
 from psa_ray.pipeline.cluster import cluster_shape
-from psa_ray.pipeline.ray_types import batch_fn
-from psa_ray.pipeline.readers import decoded_dataset, rows_dataset
+from psa_ray.pipeline.corpus import committed_keys
+from psa_ray.pipeline.readers import rows_dataset
+from psa_ray.pipeline.stages import stage_files
 from psa_ray.pipeline.writers import (
-    LabelSink, committed_ids, drop_retried_errors, error_table, shard_columns, shard_defaults, write_row_files,
-    write_table)
+    LabelSink, drop_retried_errors, error_table, shard_columns, shard_defaults, write_table)
 from psa_ray.models.inference import (
     autocast_dtype, check_weights, input_normalization, load_trained, read_meta, to_tensor)
 from psa_ray.train.loop import ray_device
@@ -81,29 +82,29 @@ def predict(rows: list[dict[str, Any]], checkpoint: str, output: str, pipeline: 
     its shards/ or errors/ are skipped, except those that failed for a reason a rerun may not meet
     again (`writers.RETRIED_ERRORS`). Returns counts: images, rejected_rows, skipped, processed,
     and over all rows, labeled and errors."""
+    layout = OutputLayout(output)
     if row_errors:
-        write_table(join(OutputLayout(output).errors, "manifest.parquet"),
-                    error_table([e.to_dict() for e in row_errors]))
-    drop_retried_errors(OutputLayout(output).errors)
-    done = set().union(*committed_ids(output))
-    todo = [r for r in rows if r["image_id"] not in done]
+        write_table(join(layout.errors, "manifest.parquet"), error_table([e.to_dict() for e in row_errors]))
+    drop_retried_errors(layout.errors)
+    keys = np.array([id_key(r["image_id"]) for r in rows], dtype="S16")
+    done = _committed(keys, layout.shards, layout.errors)
+    todo = [r for r, skip in zip(rows, done, strict=True) if not skip]
     if todo:
-        ds = decoded_dataset(rows_dataset(todo), num_cpus=pipeline.decode_cpus, max_side=pipeline.max_side)
-        ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"checkpoint": checkpoint},
-                            batch_size=pipeline.batch_size,
-                            compute=ray.data.ActorPoolStrategy(min_size=pipeline.gpu_pool[0],
-                                                               max_size=pipeline.gpu_pool[1]),
-                            num_gpus=pipeline.gpu_actor_gpus if has_gpu else 0,
-                            num_cpus=pipeline.gpu_actor_cpus)
-        ds = ds.map_batches(batch_fn(write_row_files), num_cpus=pipeline.write_cpus,
-                            fn_kwargs={"folder": OutputLayout(output).labels, "column": "label_png"})
+        ds = stage_files(rows_dataset(todo), pipeline, [(SegmentActor, {"checkpoint": checkpoint})], has_gpu,
+                         layout.labels, "label_png")
         ds.write_datasink(LabelSink(output, f"predict-{uuid.uuid4().hex[:12]}", evaluate=False,
                                     rows_per_file=pipeline.shard_rows),
                           ray_remote_args={"num_cpus": pipeline.write_cpus})
-    ids = {r["image_id"] for r in rows}
-    labeled, failed = committed_ids(output)
-    return {"images": len(rows), "rejected_rows": len(row_errors), "skipped": len(done & ids),
-            "processed": len(todo), "labeled": len(ids & labeled), "errors": len(ids & failed)}
+    return {"images": len(rows), "rejected_rows": len(row_errors), "skipped": int(done.sum()),
+            "processed": len(todo), "labeled": int(_committed(keys, layout.shards).sum()),
+            "errors": int(_committed(keys, None, layout.errors).sum())}
+
+
+def _committed(keys: np.ndarray, tables: str | None, errors: str | None = None) -> np.ndarray:
+    """[n] bool: which of the rows' keys are committed in `tables` or (not as manifest rows) in
+    `errors` (`corpus.committed_keys`, the labeling job's resume)."""
+    found = committed_keys(tables, errors)
+    return np.zeros(len(keys), bool) if found is None else is_member(keys, ray.get(found))
 
 
 @dataclass(frozen=True)

@@ -91,21 +91,25 @@ def _floor(cpus: float) -> float:
     return math.floor(cpus * 100) / 100
 
 
-def actor_stages(ds: ray.data.Dataset, network_stage: ActorStage, cpu_stage: ActorStage, p: PipelineConfig,
+def actor_stages(ds: ray.data.Dataset, stages: list[ActorStage], p: PipelineConfig,
                  has_gpu: bool) -> ray.data.Dataset:
-    """The network stage (CAMs, AffinityNet, walk) then the CPU stage (CRF) on every batch.
+    """The network stage (`stages[0]`: CAMs, AffinityNet and walk; or DeepLab) then the CPU stage,
+    if any (`stages[1]`: CRF), on every batch.
 
     With GPUs: a GPU actor pool then a CPU actor pool, each grown by the autoscaler for its own
-    stage (p: `gpu_pipeline`'s). Without: one pool of `StageChain` actors that run both (p:
+    stage (p: `gpu_pipeline`'s). Without: one pool of `StageChain` actors that run them all (p:
     `cpu_only_pipeline`'s).
     """
-    if has_gpu:
-        ds = ds.map_batches(network_stage[0], fn_constructor_kwargs=network_stage[1], batch_size=p.batch_size,
-                            compute=_pool(p.gpu_pool), num_gpus=p.gpu_actor_gpus, num_cpus=p.gpu_actor_cpus)
-        return ds.map_batches(cpu_stage[0], fn_constructor_kwargs=cpu_stage[1], batch_size=p.batch_size,
-                              compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
-    return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": [network_stage, cpu_stage]},
-                          batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+    if not has_gpu:
+        return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": stages},
+                              batch_size=p.batch_size, compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+    (network, network_kwargs), *cpu_stages = stages
+    ds = ds.map_batches(network, fn_constructor_kwargs=network_kwargs, batch_size=p.batch_size,
+                        compute=_pool(p.gpu_pool), num_gpus=p.gpu_actor_gpus, num_cpus=p.gpu_actor_cpus)
+    for actor, kwargs in cpu_stages:
+        ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=p.batch_size,
+                            compute=_pool(p.crf_pool), num_cpus=p.crf_actor_cpus)
+    return ds
 
 
 def watch_progress() -> None:
@@ -160,15 +164,15 @@ def is_empty(rows: ray.data.Dataset) -> bool:
     return first == 0
 
 
-def _stage_files(ds: ray.data.Dataset, preset: Preset, network_stage: ActorStage, cpu_stage: ActorStage,
-                 has_gpu: bool, folder: str, column: str, counter: Any = None) -> ray.data.Dataset:
-    """Decoded rows through both actor stages, then each row's `column` bytes written to
-    `<folder>/<image_id>.png` (the rows counted on `counter`, a `progress.RowCounter`): the part
-    stages B and D share, before their commit."""
+def stage_files(ds: ray.data.Dataset, pipeline: PipelineConfig, stages: list[ActorStage], has_gpu: bool,
+                folder: str, column: str, counter: Any = None) -> ray.data.Dataset:
+    """Decoded rows through the actor stages (`actor_stages`), then each row's `column` bytes
+    written to `<folder>/<image_id>.png` (the rows counted on `counter`, a `progress.RowCounter`):
+    the part stages B and D (and prediction) share, before their commit."""
     cpus = ray.cluster_resources().get("CPU", 0)
-    p = gpu_pipeline(preset.pipeline, cpus) if has_gpu else cpu_only_pipeline(preset.pipeline, cpus)
+    p = gpu_pipeline(pipeline, cpus) if has_gpu else cpu_only_pipeline(pipeline, cpus)
     ds = decoded_dataset(ds, num_cpus=p.decode_cpus, max_side=p.max_side)
-    ds = actor_stages(ds, network_stage, cpu_stage, p, has_gpu)
+    ds = actor_stages(ds, stages, p, has_gpu)
     return ds.map_batches(batch_fn(write_row_files), num_cpus=p.write_cpus,
                           fn_kwargs={"folder": folder, "column": column, "counter": counter})
 
@@ -213,10 +217,10 @@ def seed_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, num_cla
     if is_empty(rows):
         return
     p = preset.pipeline
-    ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
-                                                        mixed_precision=p.mixed_precision)),
-                      (SeedActor, {"cam": preset.cam, "num_classes": num_classes}), has_gpu,
-                      OutputLayout(output).seeds, "png", counter)
+    ds = stage_files(rows, p, [(NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                                   mixed_precision=p.mixed_precision)),
+                               (SeedActor, {"cam": preset.cam, "num_classes": num_classes})], has_gpu,
+                     OutputLayout(output).seeds, "png", counter)
     ds.write_datasink(IndexSink(OutputLayout(output).seed_index, p.shard_rows, with_seed_fractions=True,
                                 errors_uri=OutputLayout(output).seed_errors), ray_remote_args={"num_cpus": COMMIT_CPUS})
 
@@ -230,10 +234,10 @@ def label_stage(rows: ray.data.Dataset, preset: Preset, cam_weights: str, affini
     if is_empty(rows):
         return
     p = preset.pipeline
-    ds = _stage_files(rows, preset, (NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
-                                                        affinity_weights=affinity_weights, walk=preset.walk,
-                                                        mixed_precision=p.mixed_precision)),
-                      (RefineActor, dict(walk=preset.walk, seed_alpha=preset.cam.alpha_low, num_classes=num_classes,
-                                        evaluate=evaluate)),
-                      has_gpu, OutputLayout(output).labels, "label_png", counter)
+    ds = stage_files(rows, p, [(NetworkActor, dict(cam_weights=cam_weights, cam=preset.cam,
+                                                   affinity_weights=affinity_weights, walk=preset.walk,
+                                                   mixed_precision=p.mixed_precision)),
+                               (RefineActor, dict(walk=preset.walk, seed_alpha=preset.cam.alpha_low,
+                                                  num_classes=num_classes, evaluate=evaluate))],
+                     has_gpu, OutputLayout(output).labels, "label_png", counter)
     ds.write_datasink(LabelSink(output, run_id, evaluate, p.shard_rows), ray_remote_args={"num_cpus": COMMIT_CPUS})

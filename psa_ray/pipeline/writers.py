@@ -78,20 +78,6 @@ def table_rows(prefix: str, name_prefix: str = "") -> int:
     return total
 
 
-def committed_ids(output_uri: str) -> tuple[set[str], set[str]]:
-    """(labeled, failed): the ids committed to shards/ and to errors/ by earlier runs (small
-    outputs: prediction).
-
-    Manifest errors are left out: they are rewritten by every run, and a rejected duplicate
-    shares its id with the row that was kept and still has to be labeled.
-    """
-    shards = read_tables(OutputLayout(output_uri).shards, columns=["image_id"])
-    errors = read_tables(OutputLayout(output_uri).errors, columns=["image_id", "stage"])
-    labeled = set() if shards is None else set(shards.column("image_id").to_pylist())
-    failed = set() if errors is None else {r["image_id"] for r in errors.to_pylist() if r["stage"] != "manifest"}
-    return labeled, failed
-
-
 def class_fractions(label: np.ndarray, num_classes: int, ignore: bool = False) -> np.ndarray:
     """The share of a label map's [H,W] pixels of each value 0..num_classes-1 (background counted)
     and, with `ignore`, of 255 last: [num_classes (+ 1)] float32."""
