@@ -31,7 +31,8 @@ import ray
 
 from bench.machine import describe_machine
 from psa_ray.config import to_dict
-from psa_ray.data import CORPORA, split_ids, write_corpus
+from psa_ray.data import CORPORA, write_corpus
+from psa_ray.io.keys import is_held_out
 from psa_ray.io.classes import write_classes
 from psa_ray.io.manifest_writer import write_manifest
 from psa_ray.io.rows import CorpusRow
@@ -58,9 +59,11 @@ def split_manifests(root: str, corpus: str, images: int | None, val_fraction: fl
     size = {} if images is None else {"num_images": images}
     manifest = write_corpus(root, CORPORA[corpus](seed=seed, **size))
     rows, _ = read_corpus(manifest)
-    train_ids, val_ids = split_ids([r.image_id for r in rows.rows], val_fraction, seed)
+    held_out = is_held_out([r.image_id for r in rows.rows], val_fraction)  # the jobs' held-out rule
+    val_ids = {r.image_id for r, out in zip(rows.rows, held_out, strict=True) if out}
+    train_ids = {r.image_id for r in rows.rows} - val_ids
     out = {"gt": join(root, "gt"), "class_names": list(rows.class_names)}
-    for name, ids in (("train", set(train_ids)), ("val", set(val_ids))):
+    for name, ids in (("train", train_ids), ("val", val_ids)):
         folder = join(root, name)
         write_manifest([CorpusRow(r.image_id, r.image, list(r.tags)) for r in rows.rows
                         if r.image_id in ids], join(folder, "manifest.parquet"))

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from psa_ray.io.keys import is_held_out
 from psa_ray.data.synthetic import (
-    CLASS_NAMES, SyntheticConfig, make_sample, split_ids, write_corpus)
+    CLASS_NAMES, SyntheticConfig, make_sample, write_corpus)
 
 C = len(CLASS_NAMES)
 
@@ -125,15 +126,14 @@ def test_write_corpus_files_and_manifest(tmp_path):
     assert Image.open(io.BytesIO(first)).size == make_sample(3, config).image.shape[1::-1]
 
 
-def test_split_ids_is_a_stable_partition():
-    ids = [f"syn_{i:06d}" for i in range(50)]
-    train, val = split_ids(ids, 0.2, seed=0)
-    assert len(val) == 10 and len(train) == 40 and sorted(train + val) == ids
-    assert train == [i for i in ids if i in set(train)], "input order kept"
-    assert split_ids(ids, 0.2, seed=0) == (train, val)
-    shuffled = ids[::-1]
-    assert set(split_ids(shuffled, 0.2, seed=0)[1]) == set(val), "same ids, same split"
-    assert set(split_ids(ids, 0.2, seed=1)[1]) != set(val)
-    assert split_ids(ids, 0.0, seed=0) == (ids, [])
+def test_the_held_out_rule_is_a_stable_partition_by_id():
+    """The one held-out rule of every job (`io.keys.is_held_out`): by a digest of each id, so the
+    same ids give the same split in any order, and about the share asked for."""
+    ids = [f"syn_{i:06d}" for i in range(2000)]
+    held = is_held_out(ids, 0.2)
+    assert 0.17 < held.mean() < 0.23
+    assert (is_held_out(ids[::-1], 0.2)[::-1] == held).all(), "same ids, same split"
+    assert not is_held_out(ids, 0.0).any()
+    assert (is_held_out(ids, 0.1) <= held).all(), "a smaller share holds out a subset"
     with pytest.raises(ValueError):
-        split_ids(ids, 1.0, seed=0)
+        is_held_out(ids, 1.0)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from psa_ray.data.corpus import Sample, write_corpus
 from psa_ray.data.hard import HardConfig
-from psa_ray.data.synthetic import CLASS_NAMES, SyntheticConfig, make_sample, split_ids
+from psa_ray.data.synthetic import CLASS_NAMES, SyntheticConfig, make_sample
 
 CORPORA: dict[str, type] = {"birds": SyntheticConfig, "hard": HardConfig}
 
-__all__ = ["CLASS_NAMES", "CORPORA", "HardConfig", "Sample", "SyntheticConfig", "make_sample", "split_ids",
-           "write_corpus"]
+__all__ = ["CLASS_NAMES", "CORPORA", "HardConfig", "Sample", "SyntheticConfig", "make_sample", "write_corpus"]

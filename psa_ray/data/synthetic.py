@@ -45,7 +45,7 @@ import numpy as np
 from psa_ray.data.corpus import CorpusKind, Sample, write_corpus
 from psa_ray.data.drawing import Blob, head_mask, jitter, mottle, random_blob, rgb, smooth_field
 
-__all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_sample", "split_ids", "write_corpus"]
+__all__ = ["CLASS_NAMES", "Sample", "SyntheticConfig", "make_sample", "write_corpus"]
 
 CLASS_NAMES: tuple[str, ...] = ("cardinal", "goldfinch", "mallard", "kingfisher", "bluejay", "flamingo")
 
@@ -191,14 +191,3 @@ BIRDS = CorpusKind(class_names=CLASS_NAMES, id_prefix="syn", background=_backgro
 def make_sample(index: int, config: SyntheticConfig) -> Sample:
     """The index-th image of the corpus given by config.seed (deterministic)."""
     return BIRDS.make_sample(index, config)
-
-
-def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, val): round(len(ids) * val_fraction) ids drawn for val by a seeded permutation of
-    the sorted ids (so the split ignores input order); both lists keep the input order."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    ordered = sorted(ids)
-    picked = np.random.default_rng(seed).permutation(len(ordered))[: round(len(ordered) * val_fraction)]
-    val = {ordered[i] for i in picked}
-    return [i for i in ids if i not in val], [i for i in ids if i in val]

@@ -91,6 +91,17 @@ def held_out_byte(fraction: float) -> int:
     return round(256 * fraction)
 
 
+def is_held_out(image_ids: list[str], fraction: float) -> np.ndarray:
+    """[n] bool: which ids are held out at `fraction` (`held_out_rule`): the one rule of every job
+    (the labeling job's CAM tag AP, the train jobs' validation share, bench/quality.py)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return np.zeros(len(image_ids), bool)
+    keys = np.array([id_key(i) for i in image_ids], dtype=KEY)
+    return kept_keys(keys, held_out=fraction, only_held_out=True)
+
+
 def kept_keys(keys: np.ndarray, *, threshold: bytes | None = None, exclude: np.ndarray | None = None,
               include: np.ndarray | None = None, held_out: float = 0.0, only_held_out: bool = False) -> np.ndarray:
     """[n] bool: which keys pass every filter given: held_out > 0 leaves out the held-out keys

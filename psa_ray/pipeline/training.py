@@ -10,9 +10,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from psa_ray.config import PRESETS, default_preset
-from psa_ray.data.synthetic import SyntheticConfig, split_ids
+from psa_ray.data.synthetic import SyntheticConfig
 from psa_ray.errors import UserError
 from psa_ray.io.inputs import read_corpus
+from psa_ray.io.keys import is_held_out
 from psa_ray.io.lease import hold
 from psa_ray.io.storage import absolute
 from psa_ray.models.inference import check_weights
@@ -69,9 +70,9 @@ def _train_network(kind: str, job: TrainJob) -> dict[str, Any]:
         input_uri = builtin_corpus(OutputLayout(job.output).corpus, "birds", SyntheticConfig(**size))
     corpus, _ = read_corpus(input_uri, classes=job.classes)
     rows = corpus_rows(corpus, None)
-    train_ids, val_ids = map(set, split_ids([r["image_id"] for r in rows], job.val_fraction, seed=0))
-    train_rows = [r for r in rows if r["image_id"] in train_ids]
-    val_rows = [r for r in rows if r["image_id"] in val_ids]
+    validation = is_held_out([r["image_id"] for r in rows], job.val_fraction)
+    train_rows = [r for r, out in zip(rows, validation, strict=True) if not out]
+    val_rows = [r for r, out in zip(rows, validation, strict=True) if out]
 
     preset = PRESETS[default_preset(job.preset, demo=job.input is None)]
     overrides: dict[str, Any] = {k: v for k, v in {"backbone": job.backbone, "backbone_weights": job.backbone_weights,
