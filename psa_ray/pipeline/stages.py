@@ -203,7 +203,7 @@ def train_stage(kind: str, rows: ray.data.Dataset, preset: Preset, class_names: 
                               max_side=preset.pipeline.max_side).map_batches(keep_decoded, fn_kwargs={"errors": errors})
     columns = ["rgb", "tags"] + (["mask"] if network_spec(kind).mask_folder else [])
     weights, metrics = fit(kind, dataset.select_columns(columns), preset.train_config(kind), num_rows=num_rows,
-                           class_names=class_names, output_uri=output, init=init,
+                           class_names=class_names, checkpoints=OutputLayout(output).checkpoints, init=init,
                            radius=preset.walk.radius, cpus_per_worker=cpus_per_worker)
     print(f"[{kind}] trained on {num_rows} images: {json.dumps(metrics, default=str)}")
     return weights, metrics

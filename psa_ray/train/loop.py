@@ -26,7 +26,6 @@ from psa_ray.io.storage import join
 from psa_ray.models.inference import (
     MODEL_FILE, check_cuda, export_network, inference_device, meta_normalization, native_bf16, network_meta,
     read_meta)
-from psa_ray.pipeline.layout import OutputLayout
 from psa_ray.models.networks import Network, build_network
 from psa_ray.models.weights import load_weights
 from psa_ray.train.tasks import Init, freezes_pretrained, get_task
@@ -187,16 +186,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: int,
-        class_names: list[str], output_uri: str, init: Init | None = None,
+        class_names: list[str], checkpoints: str, init: Init | None = None,
         radius: int = 5, cpus_per_worker: float = 1.0, max_failures: int = 2) -> tuple[str, dict[str, Any]]:
     """Train one network with Ray Train; returns (URI of the exported weights, last metrics).
 
     `dataset` rows carry `rgb` (uint8 HxWx3), `tags` (multi-hot float32) and, for AffinityNet and
-    DeepLab, `mask` (seeds or pseudo labels). Checkpoints go to `<output>/checkpoints/<kind>/`;
-    rerunning with the same output resumes from the latest one. The final weights are exported
-    to `<output>/checkpoints/<kind>/model.pt` with `meta.json` beside them.
+    DeepLab, `mask` (seeds or pseudo labels). Checkpoints go to `<checkpoints>/<kind>/` (an
+    output's `layout.OutputLayout.checkpoints`); rerunning with the same folder resumes from the
+    latest one. The final weights are exported to `<checkpoints>/<kind>/model.pt` with
+    `meta.json` beside them.
     """
-    storage = OutputLayout(output_uri).checkpoints
     # a network started from another's backbone (AffinityNet, DeepLab) takes its input normalisation
     meta = network_meta(kind, config, class_names, radius,
                         meta_normalization(read_meta(init.uri)) if init else None)
@@ -211,7 +210,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker=worker_resources),
-        run_config=RunConfig(name=kind, storage_path=_ray_storage_path(storage),
+        run_config=RunConfig(name=kind, storage_path=_ray_storage_path(checkpoints),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **_train_logging()),
         datasets={"train": dataset},
@@ -222,7 +221,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
         raise RuntimeError(f"Ray Train's {kind} run ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
-    return export_network(state, meta, join(storage, kind)), dict(result.metrics or {})
+    return export_network(state, meta, join(checkpoints, kind)), dict(result.metrics or {})
 
 
 def _train_logging() -> dict[str, Any]:
