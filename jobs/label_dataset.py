@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     connect(args.pop("endpoint_url"), args.pop("verbose"))
     summary = run(LabelJob(**{**args, "scales": tuple(args["scales"]) if args["scales"] else None}))
     print("\n=== psa_ray run", summary["run_id"], "===")
-    print(redact(json.dumps({k: summary[k] for k in ("counts", "timings_s", "checkpoints")}, indent=2)))
+    for key in ("counts", "timings_s", "checkpoints"):
+        print(f"{key}: {redact(json.dumps(summary[key]))}")
     print(text_report(quality_sections({**summary, "warnings": []}, summary["metrics_full"])))
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -31,8 +31,9 @@ def ray_logging(verbose: bool) -> ray.LoggingConfig:
 
 def worker_env(verbose: bool) -> dict[str, str]:
     """Environment of the job's workers: Ray Data's INFO lines (which Ray forwards to the driver's
-    output) only when verbose."""
-    return {} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING"}
+    output) only when verbose; a training worker's printed line once, not also through Ray
+    Train's logger (Ray Train 2.60 tees `print` into it)."""
+    return {} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def quiet_ray(verbose: bool) -> None:

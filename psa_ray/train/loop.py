@@ -102,6 +102,7 @@ def epoch_shuffle(config: TrainConfig, epoch: int, rank: int) -> dict[str, Any]:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; `loop_config` is built by `fit`."""
     config: TrainConfig = loop_config["train"]
+    quiet_worker_console(loop_config.get("console_level", "INFO"))
     task = get_task(loop_config["kind"], loop_config.get("radius", 5))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -201,6 +202,7 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
                         meta_normalization(read_meta(init.uri)) if init else None)
     per_step = max(1, config.batch_size // max(1, config.num_workers)) * max(1, config.num_workers)
     loop_config = {"kind": kind, "train": config, "num_classes": len(class_names), "init": init,
+                   "console_level": _console_level(),
                    "radius": radius, "meta": meta, "steps_per_epoch": math.ceil(num_rows / per_step)}
     worker_resources = {"CPU": cpus_per_worker}
     if config.use_gpu:
@@ -224,12 +226,23 @@ def fit(kind: str, dataset: ray.data.Dataset, config: TrainConfig, *, num_rows: 
     return export_network(state, meta, join(checkpoints, kind)), dict(result.metrics or {})
 
 
+def _console_level() -> str:
+    """The driver's Ray log level (`progress.ray_logging`: INFO with --verbose, else WARNING)."""
+    return logging.getLevelName(logging.getLogger("ray").getEffectiveLevel())
+
+
 def _train_logging() -> dict[str, Any]:
-    """RunConfig's logging: Ray Train's console at the driver's Ray level (`progress.ray_logging`:
-    INFO with --verbose, else WARNING, which also keeps a worker's printed line from being logged
-    twice). A keyword mypy cannot check: Ray 2.60 runs Train V2, whose RunConfig takes it, while
-    its stubs name the V1 RunConfig."""
-    return {"logging_config": LoggingConfig(logging.getLevelName(logging.getLogger("ray").getEffectiveLevel()))}
+    """RunConfig's logging: Ray Train's console at the driver's Ray level. A keyword mypy cannot
+    check: Ray 2.60 runs Train V2, whose RunConfig takes it, while its stubs name V1's."""
+    return {"logging_config": LoggingConfig(_console_level())}
+
+
+def quiet_worker_console(level: str) -> None:
+    """In a training worker: console records below `level` dropped. Ray Train 2.60 logs every
+    report at INFO under a logger named by its file path, which its own level setting misses."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(level)
 
 
 def _in_order() -> ray.data.ExecutionOptions:
